@@ -1,0 +1,45 @@
+"""The interface every propagator (MedSAM2, LiteMedSAM, test helpers) implements.
+
+`prepare` computes what does not depend on the prompt (image features) once per volume and keeps it,
+so re-propagating after a user edits a box, or scoring the 8 rollouts of a GRPO group, reuses it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Optional
+
+import numpy as np
+
+from ..anchor import EvidenceAnchor
+from ..progress import ProgressCallback
+from ..volume import Volume
+
+
+class Propagator(ABC):
+    """Anchor (key slice + boxes) -> (K, J, I) mask of the prepared volume."""
+
+    name: str = "propagator"
+
+    @abstractmethod
+    def prepare(self, volume: Volume, progress: Optional[ProgressCallback] = None) -> None:
+        """Bind to `volume` and cache prompt-independent work; same fingerprint again is free, another volume resets."""
+
+    @abstractmethod
+    def propagate(
+        self,
+        anchor: EvidenceAnchor,
+        *,
+        merge: bool = True,
+        slice_range: Optional[tuple[int, int]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> np.ndarray:
+        """Segment from the anchor up and down through the volume.
+
+        Returns uint8 (K, J, I): 0/1 when `merge`, else label b+1 for box b (later boxes win overlaps).
+        `slice_range` (inclusive) limits the work to a window around the key slice (coherence reward).
+        """
+
+    def describe(self) -> dict:
+        """Identity for provenance (evidence.json): name, checkpoint path and hash."""
+        return {"name": self.name}

@@ -1,0 +1,82 @@
+"""Intensity windows: real HU windows for CT, a percentile window for MR and z-scored arrays.
+
+Every renderer and propagator maps intensities to [0, 1] through one `Window`, so the VLM, the
+propagator and the PNGs a user sees all look at the same contrast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+from .errors import VolumeError
+
+
+@dataclass(frozen=True)
+class Window:
+    """Intensity interval [low, high] mapped linearly to [0, 1]."""
+
+    low: float
+    high: float
+
+    @classmethod
+    def from_level_width(cls, level: float, width: float) -> "Window":
+        return cls(level - width / 2.0, level + width / 2.0)
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        scale = 1.0 / max(self.high - self.low, 1e-6)
+        out = (np.asarray(array, dtype=np.float32) - np.float32(self.low)) * np.float32(scale)
+        return np.clip(out, 0.0, 1.0, out=out)
+
+
+# (level, width) in Hounsfield units.
+CT_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (40.0, 400.0),
+    "soft_tissue": (50.0, 350.0),
+    "liver": (60.0, 160.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+
+def percentile_window(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> Window:
+    """Window from the foreground's percentiles (voxels above the volume minimum); for MR / z-scored data."""
+    flat = np.asarray(array, dtype=np.float32).ravel()
+    if flat.size > 2_000_000:  # a strided sample is plenty for percentiles and keeps big scans fast
+        flat = flat[:: flat.size // 2_000_000 + 1]
+    foreground = flat[flat > flat.min()]
+    if foreground.size == 0:
+        foreground = flat
+    low, high = np.percentile(foreground, [low_pct, high_pct])
+    if high <= low:
+        high = low + 1.0
+    return Window(float(low), float(high))
+
+
+def resolve_window(array: np.ndarray, modality: str, window: Union[None, str, Window, tuple] = None) -> Window:
+    """Pick the window for a scan: a preset name, an explicit Window/(level, width), or the modality default."""
+    if isinstance(window, Window):
+        return window
+    if isinstance(window, tuple):
+        return Window.from_level_width(*window)
+    if window is None:
+        window = "abdomen" if modality == "CT" else "percentile"
+    if window == "percentile":
+        return percentile_window(array)
+    if window not in CT_PRESETS:
+        raise VolumeError(f"unknown window {window!r}; choose one of {sorted(CT_PRESETS) + ['percentile']}")
+    if modality != "CT":
+        raise VolumeError(f"window {window!r} is a CT (HU) preset but the scan is {modality}; use 'percentile'")
+    return Window.from_level_width(*CT_PRESETS[window])
+
+
+def window_volume(volume, window: Union[None, str, Window, tuple] = None, out_dtype=np.float32) -> np.ndarray:
+    """Whole volume windowed to [0, 1] (float32) or [0, 255] (uint8)."""
+    resolved = resolve_window(volume.array, volume.modality, window)
+    scaled = resolved.apply(volume.array)
+    if out_dtype == np.uint8:
+        return np.rint(scaled * 255.0).astype(np.uint8)
+    return scaled
