@@ -1,0 +1,124 @@
+"""M3D-Seg reader on a fixture written in the published layout (image.npy (1,X,Y,Z), sparse one-hot mask_(C,X,Y,Z).npz)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from MedVolR1Lib.errors import DataError
+from MedVolR1Lib.m3d import (
+    load_m3d_case,
+    load_m3d_image,
+    orientation_affine,
+    read_split,
+    laterality_allowed,
+)
+from MedVolR1Lib.volume import load_volume
+
+X, Y, Z = 12, 10, 8
+
+
+def write_case(root: Path, code: str, case: str, *, channels: int = 3, labels_json: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One case in the exact M3D-Seg layout; returns (image xyz, one-hot cxyz)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(0.0, 0.1, size=(X, Y, Z)).astype(np.float32)
+    onehot = np.zeros((channels, X, Y, Z), dtype=bool)
+    onehot[0, 1:4, 2:5, 1:3] = True  # label 1: a block near low x
+    onehot[1, 8:11, 6:9, 4:7] = True  # label 2: a block near high x, high z
+    # channel 2 (label 3) left empty on purpose: an absent target
+    image[onehot[0]] = 3.0
+    image[onehot[1]] = 5.0
+    folder = root / code / case
+    folder.mkdir(parents=True)
+    np.save(folder / "image.npy", image[None])
+    matrix = sparse.csr_matrix(onehot.reshape(channels, -1).astype(np.float64))
+    sparse.save_npz(folder / f"mask_({channels}, {X}, {Y}, {Z}).npz", matrix)
+    json_path = root / code / f"{code}.json"
+    meta = json.loads(json_path.read_text()) if json_path.exists() else {"train": [], "test": []}
+    if labels_json:
+        meta["labels"] = {"0": "background", "1": "Liver", "2": "Right Kidney", "3": "spleen"}
+    split = "test" if case.endswith("t") else "train"
+    meta[split].append({"image": f"{code}/{case}/image.npy", "label": f"{code}/{case}/mask_({channels}, {X}, {Y}, {Z}).npz"})
+    json_path.write_text(json.dumps(meta))
+    return image, onehot
+
+
+def test_case_loads_canonical_with_masks_aligned(tmp_path):
+    image, onehot = write_case(tmp_path, "0003", "case_00001")
+    volume, masks, names = load_m3d_case(tmp_path / "0003" / "case_00001")
+    assert volume.modality == "ZSCORE"
+    assert volume.shape == (Z, Y, X)
+    assert masks.shape == (3, Z, Y, X) and masks.dtype == bool
+    assert names == ("liver", "right_kidney", "spleen")
+    # Assumed RAS array axes: canonical i points Left, j Posterior -> x and y are flipped, z kept.
+    expected = np.transpose(image, (2, 1, 0))[:, ::-1, ::-1]
+    np.testing.assert_array_equal(volume.array, expected)
+    for c in range(3):
+        assert masks[c].sum() == onehot[c].sum()
+    assert np.all(volume.array[masks[0]] == 3.0) and np.all(volume.array[masks[1]] == 5.0)
+    # voxel (x=1, y=2, z=1) of label 1 sits at canonical (k=1, j=Y-1-2, i=X-1-1)
+    assert masks[0][1, Y - 1 - 2, X - 1 - 1]
+    assert not masks[2].any()
+    assert volume.spacing == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_load_volume_dispatches_to_m3d_and_orientation_is_configurable(tmp_path):
+    image, _ = write_case(tmp_path, "0004", "case_00002")
+    folder = tmp_path / "0004" / "case_00002"
+    via_generic = load_volume(folder)
+    assert via_generic.modality == "ZSCORE" and via_generic.shape == (Z, Y, X)
+    lps = load_m3d_image(folder, orientation="LPS")
+    np.testing.assert_array_equal(lps.array, np.transpose(image, (2, 1, 0)))
+    assert not laterality_allowed(folder)  # orientation of every dataset is an unverified assumption
+
+
+def test_builtin_label_table_when_json_has_no_labels(tmp_path):
+    write_case(tmp_path, "0012", "case_00003", channels=6, labels_json=False)
+    _, masks, names = load_m3d_case(tmp_path / "0012" / "case_00003")
+    assert names == ("liver", "bladder", "lungs", "kidneys", "bone", "brain")
+    assert masks.shape[0] == 6
+
+
+def test_read_split_lists_train_and_test(tmp_path):
+    write_case(tmp_path, "0003", "a")
+    write_case(tmp_path, "0003", "bt")
+    train = read_split(tmp_path, "0003", "train")
+    test = read_split(tmp_path, "0003", "test")
+    assert [r.case_id for r in train] == ["0003/a"] and [r.case_id for r in test] == ["0003/bt"]
+    case = load_m3d_case(train[0].folder, label_path=train[0].label_path)
+    assert case.masks.any()
+    with pytest.raises(DataError, match="validation"):
+        read_split(tmp_path, "0003", "validation")
+    with pytest.raises(DataError, match="0004"):
+        read_split(tmp_path, "0004", "train")
+
+
+def test_corrupt_files_raise_data_error_naming_the_case(tmp_path):
+    write_case(tmp_path, "0003", "broken_mask")
+    folder = tmp_path / "0003" / "broken_mask"
+    next(folder.glob("mask_*.npz")).write_bytes(b"not a zip file at all")
+    with pytest.raises(DataError, match="0003/broken_mask"):
+        load_m3d_case(folder)
+
+    write_case(tmp_path, "0003", "broken_image")
+    folder = tmp_path / "0003" / "broken_image"
+    (folder / "image.npy").write_bytes((folder / "image.npy").read_bytes()[:100])
+    with pytest.raises(DataError, match="0003/broken_image"):
+        load_m3d_image(folder)
+
+    write_case(tmp_path, "0003", "wrong_grid")
+    folder = tmp_path / "0003" / "wrong_grid"
+    mask = next(folder.glob("mask_*.npz"))
+    mask.rename(folder / f"mask_(3, {X}, {Y}, {Z + 1}).npz")
+    with pytest.raises(DataError, match="wrong_grid"):
+        load_m3d_case(folder)
+
+
+def test_orientation_affine_rejects_bad_codes():
+    assert np.allclose(orientation_affine("LPS")[:3, :3], np.diag([-1, -1, 1]))
+    with pytest.raises(DataError):
+        orientation_affine("RRS")
