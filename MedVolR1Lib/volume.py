@@ -39,12 +39,13 @@ class Reorientation:
     perm: tuple[int, int, int] = (0, 1, 2)
     flips: tuple[bool, bool, bool] = (False, False, False)
 
-    def to_canonical(self, array_kji: np.ndarray) -> np.ndarray:
+    def to_canonical(self, array_kji: np.ndarray, dtype=None) -> np.ndarray:
+        """Canonical copy of a source-order array, converted to `dtype` in the same single copy."""
         ijk = np.transpose(array_kji, (2, 1, 0)).transpose(self.perm)
         for axis, flip in enumerate(self.flips):
             if flip:
                 ijk = np.flip(ijk, axis)
-        return np.ascontiguousarray(np.transpose(ijk, (2, 1, 0)))
+        return np.array(np.transpose(ijk, (2, 1, 0)), dtype=dtype, order="C")
 
     def to_source(self, array_kji: np.ndarray) -> np.ndarray:
         ijk = np.transpose(array_kji, (2, 1, 0))
@@ -207,7 +208,7 @@ def volume_from_array(
         direction=direction,
         path=path,
     )
-    canonical = reo.to_canonical(array_kji).astype(np.float32, copy=False)
+    canonical = reo.to_canonical(array_kji, dtype=np.float32)
     affine = _reoriented_affine(ijk_to_ras, array_kji.shape, reo)
     return Volume(
         array=canonical,
@@ -272,7 +273,7 @@ def volume_from_sitk(image, *, path: Optional[str] = None, modality: Optional[st
         raise VolumeError(f"{label}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar scan")
     if image.GetDimension() != 3:
         raise VolumeError(f"{label}: is a {image.GetDimension()}D image of size {image.GetSize()}; expected 3D")
-    array = sitk.GetArrayFromImage(image)
+    array = sitk.GetArrayViewFromImage(image)  # no copy: the canonical float32 copy is the only one
     spacing = tuple(float(v) for v in image.GetSpacing())
     origin = tuple(float(v) for v in image.GetOrigin())
     direction = tuple(float(v) for v in image.GetDirection())

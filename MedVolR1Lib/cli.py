@@ -1,0 +1,257 @@
+"""`medvolr1` command line: fetch the sample CT, derive VRS samples, propagate an anchor, segment a query.
+
+Every long step shows a progress bar; every known failure ends with one clear line and exit code 2,
+and outputs are written whole or not at all (see outputs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+SAMPLE = "sample"
+
+
+class _Bar:
+    """tqdm progress bar driven by the library's (fraction, message) callbacks."""
+
+    def __init__(self, description: str):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=1000, desc=description, unit="‰", leave=False, file=sys.stderr)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self._bar.n = int(fraction * 1000)
+        self._bar.set_postfix_str(message[:60], refresh=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _load(volume_arg: str, modality: Optional[str] = None):
+    from .volume import load_volume
+
+    if volume_arg == SAMPLE:
+        from .sample_data import fetch_sample
+
+        return load_volume(fetch_sample(progress=_Bar("sample CT")).ct_path, modality=modality)
+    return load_volume(volume_arg, modality=modality)
+
+
+def _parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"box {text!r}: expected four numbers x1,y1,x2,y2") from None
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"box {text!r}: expected four numbers x1,y1,x2,y2")
+    return values  # type: ignore[return-value]
+
+
+def _config(args) -> "PipelineConfig":
+    from .pipeline import PipelineConfig
+
+    return PipelineConfig(
+        model=getattr(args, "model", None),
+        adapter=getattr(args, "adapter", None),
+        propagator=args.propagator,
+        sam_checkpoint=args.sam_checkpoint,
+        device=args.device,
+        num_views=getattr(args, "num_views", 16),
+        image_size=args.image_size,
+        window=args.window,
+    )
+
+
+def _reference_scores(result, reference: Optional[str], labels: Sequence[int]) -> Optional[dict]:
+    """Dice / NSD of the result against a label file on the same grid (optional)."""
+    if not reference:
+        return None
+    import numpy as np
+
+    from .metrics import dice, normalized_surface_dice
+    from .sample_data import fetch_sample
+    from .volume import load_label_map
+
+    path = fetch_sample().labels_path if reference == SAMPLE else reference
+    label_map = load_label_map(path, result.volume)
+    truth = np.isin(label_map, list(labels))
+    return {
+        "labels": list(labels),
+        "dice": round(float(dice(result.mask > 0, truth)), 4),
+        "nsd_2mm": round(float(normalized_surface_dice(result.mask > 0, truth, result.volume.spacing[::-1], 2.0)), 4),
+    }
+
+
+def _provenance(pipeline) -> dict:
+    record: dict = {}
+    if pipeline._grounder is not None:
+        record["grounder"] = pipeline._grounder.describe()
+    if pipeline._propagator is not None:
+        record["propagator"] = pipeline._propagator.describe()
+    return record
+
+
+def _finish(result, args, pipeline, scores: Optional[dict]) -> None:
+    from .outputs import write_outputs
+
+    provenance = _provenance(pipeline)
+    if scores:
+        provenance["reference_scores"] = scores
+    written = write_outputs(result, args.out, provenance, image_size=args.image_size)
+    summary = {
+        "key_slice": result.anchor.slice_index,
+        "boxes_voxels": [b.as_list() for b in result.anchor.boxes],
+        "mask_voxels": result.voxel_count,
+        "mask_ml": round(result.volume_ml, 2),
+        "timings_s": {k: round(v, 2) for k, v in result.timings.items()},
+        **({"reference": scores} if scores else {}),
+        "outputs": {k: str(v) for k, v in written.items()},
+    }
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_fetch_sample(args) -> int:
+    from .sample_data import fetch_sample
+
+    bar = _Bar("sample CT")
+    sample = fetch_sample(progress=bar)
+    bar.close()
+    print(f"CT:     {sample.ct_path}\nlabels: {sample.labels_path}  ({len(sample.label_names)} label names)\n{sample.credit}")
+    return 0
+
+
+def cmd_propagate(args) -> int:
+    from .anchor import EvidenceAnchor, VoxelBox
+    from .pipeline import Pipeline
+    from .views import ViewGeometry
+
+    volume = _load(args.volume, args.modality)
+    geometry = ViewGeometry.for_volume(volume, args.image_size)
+    if args.box_units == "pixels":
+        boxes = tuple(geometry.to_voxel_box(b) for b in args.box)
+    else:
+        boxes = tuple(VoxelBox(*b) for b in args.box)
+    anchor = EvidenceAnchor(args.slice, boxes)
+    pipeline = Pipeline(_config(args))
+    bar = _Bar("propagating")
+    result = pipeline.propagate(volume, anchor, progress=bar, query=args.name)
+    bar.close()
+    _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from .pipeline import Pipeline
+
+    volume = _load(args.volume, args.modality)
+    pipeline = Pipeline(_config(args))
+    bar = _Bar("segmenting")
+    result = pipeline.segment(volume, args.query, progress=bar)
+    bar.close()
+    print(f"reasoning: {result.grounding.reasoning!r}", file=sys.stderr)
+    _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
+    return 0
+
+
+def cmd_samples(args) -> int:
+    from .demo import describe_samples
+
+    describe_samples(out_dir=Path(args.out), num_views=args.num_views, image_size=args.image_size)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=Path(args.out), targets=args.target, with_grounder=not args.no_grounder)
+    return 0
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .fixtures.tiny_qwen import build_tiny_qwen
+
+    print(build_tiny_qwen(args.out))
+    return 0
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--propagator", default="auto", choices=("auto", "litemedsam", "medsam2"),
+                        help="auto: MedSAM2 when --sam-checkpoint is given and CUDA is present, else LiteMedSAM")
+    parser.add_argument("--sam-checkpoint", help="MedSAM2 checkpoint (MedSAM2_latest.pt from huggingface.co/wanglab/MedSAM2)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--window", help="CT window preset (abdomen, lung, bone, soft_tissue, liver, brain) or 'percentile'")
+    parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")
+    parser.add_argument("--image-size", type=int, default=448, help="rendered view size in pixels (multiple of 28)")
+    parser.add_argument("--reference", help="label map on the same grid to score the mask against ('sample' for the sample CT's labels)")
+    parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
+    parser.add_argument("--out", required=True, help="output folder (mask.nii.gz, evidence.json, evidence.png)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medvolr1", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch-sample", help="download the sample CT (TotalSegmentator example) into the user cache")
+    p.set_defaults(func=cmd_fetch_sample)
+
+    p = sub.add_parser("samples", help="derive VRS samples (queries + GT anchors) from the sample CT and draw one")
+    p.add_argument("--out", default="medvolr1-samples")
+    p.add_argument("--num-views", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=448)
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("demo", help="main job on the sample CT: GT anchors -> LiteMedSAM masks with Dice, then a query through the tiny local VLM")
+    p.add_argument("--out", default="medvolr1-demo")
+    p.add_argument("--target", action="append", default=None, help="sample label name(s), default: kidney_right, spleen")
+    p.add_argument("--no-grounder", action="store_true", help="skip the tiny-VLM query demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("propagate", help="3D mask from a manual anchor (key slice + boxes), no VLM")
+    p.add_argument("--volume", required=True, help="scan file, DICOM folder, M3D-Seg case folder, or 'sample'")
+    p.add_argument("--slice", type=int, required=True, help="key slice k (canonical axial index, inferior -> superior)")
+    p.add_argument("--box", type=_parse_box, action="append", required=True, help="x1,y1,x2,y2 (repeat for several parts)")
+    p.add_argument("--box-units", choices=("pixels", "voxels"), default="pixels",
+                   help="pixels of the rendered key slice (as in evidence.png) or canonical voxel edges i0,j0,i1,j1")
+    p.add_argument("--name", help="segment name recorded in evidence.json")
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_propagate)
+
+    p = sub.add_parser("segment", help="query -> evidence anchor (VLM) -> 3D mask")
+    p.add_argument("--volume", required=True, help="scan file, DICOM folder, M3D-Seg case folder, or 'sample'")
+    p.add_argument("--query", required=True)
+    p.add_argument("--model", required=True, help="Qwen2.5-VL hub id or local folder")
+    p.add_argument("--adapter", help="LoRA adapter folder from Training/sft.py or grpo.py")
+    p.add_argument("--num-views", type=int, default=16)
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("make-tiny-model", help="build the tiny random-weight Qwen2.5-VL used by tests and demos (offline)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_make_tiny_model)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import MedVolR1Error
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (MedVolR1Error, ValueError) as exc:
+        print(f"medvolr1 {args.command}: error: {exc}", file=sys.stderr)
+        raw = getattr(exc, "raw_text", None)
+        if raw:
+            print(f"raw model output: {raw[:2000]!r}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medvolr1 {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
