@@ -89,6 +89,9 @@ def nsd(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = N
     return float((np.count_nonzero(d_pred <= tolerance_mm) + np.count_nonzero(d_gt <= tolerance_mm)) / (d_pred.size + d_gt.size))
 
 
+normalized_surface_dice = nsd
+
+
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None) -> float:
     """95th-percentile Hausdorff distance in mm (max of both directed 95th percentiles)."""
     p, g = _binary_pair(pred, gt)

@@ -1,0 +1,423 @@
+"""Verifiable rewards for GRPO: format, informative slice, 2D grounding and cross-slice coherence.
+
+Every function returns one float per completion and never raises on model output (garbage, wrong
+types, boxes outside the image all score 0 for the affected components).  Errors of the system itself
+(a propagator that crashes, a `resolve` that returns the wrong volume) are not hidden.
+
+What the rewards need per prompt travels in a `RewardTarget`, serialisable to one JSON string so it
+fits a dataset column; trl hands that column to the reward functions as a keyword list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .anchor import AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, VoxelBox, parse_answer
+from .errors import AnchorError, DataError
+from .metrics import dice
+from .propagation.base import Propagator
+from .views import ViewGeometry
+from .volume import Volume
+
+COMPONENTS = ("format", "slice", "grounding", "coherence")
+
+
+@dataclass
+class RewardTarget:
+    """Ground truth of one prompt, as plain types (JSON column of a training dataset).
+
+    `gt_boxes` maps each shown slice to the GT pixel boxes on it (empty where the target is absent),
+    so an answer on any shown slice can be graded.  `slice_areas` covers every slice of the volume.
+    `oracle` (optional) is Q(z), the propagator's 3D Dice when started from the GT box on slice z,
+    precomputed on some slices.
+    """
+
+    case_id: str
+    labels: list[int]
+    shown_slices: list[int]
+    image_size: int
+    geometry: dict
+    slice_areas: list[float]
+    gt_boxes: dict[int, list[list[float]]]
+    max_boxes: int = 4
+    target: str = ""
+    oracle: Optional[dict[int, float]] = None
+
+    def __post_init__(self) -> None:
+        self.labels = [int(v) for v in self.labels]
+        self.shown_slices = [int(k) for k in self.shown_slices]
+        self.gt_boxes = {int(k): [[float(v) for v in b] for b in boxes] for k, boxes in self.gt_boxes.items()}
+        self.slice_areas = [float(a) for a in self.slice_areas]
+        if self.oracle is not None:
+            self.oracle = {int(k): float(v) for k, v in self.oracle.items()}
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.slice_areas)
+
+    def view_geometry(self) -> ViewGeometry:
+        g = dict(self.geometry)
+        g["shape_ji"] = tuple(int(n) for n in g["shape_ji"])
+        return ViewGeometry(**g)
+
+    def rules(self) -> AnswerRules:
+        return AnswerRules(image_size=int(self.image_size), shown_slices=tuple(self.shown_slices), max_boxes=int(self.max_boxes))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["gt_boxes"] = {str(k): v for k, v in self.gt_boxes.items()}
+        if self.oracle is not None:
+            data["oracle"] = {str(k): v for k, v in self.oracle.items()}
+        data["geometry"] = {**self.geometry, "shape_ji": list(self.geometry["shape_ji"])}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RewardTarget":
+        try:
+            return cls(**{k: data[k] for k in data if k in cls.__dataclass_fields__})
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DataError(f"reward target is incomplete or malformed: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, text: str) -> "RewardTarget":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"reward target is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def coerce(cls, value: Union["RewardTarget", str, Mapping[str, Any]]) -> "RewardTarget":
+        if isinstance(value, RewardTarget):
+            return value
+        if isinstance(value, str):
+            return cls.from_json(value)
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise DataError(f"reward target must be a RewardTarget, JSON string or dict, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class RewardWeights:
+    """Weights of the total reward (the coherence weight counts only when a coherence scorer is given)."""
+
+    format: float = 0.25
+    slice: float = 0.5
+    grounding: float = 1.0
+    coherence: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# completions
+
+
+def completion_text(completion: Any) -> str:
+    """Text of a completion given as a string or as trl's conversational list of messages ('' if neither)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        completion = [completion]
+    if isinstance(completion, (list, tuple)):
+        texts: list[str] = []
+        for message in completion:
+            if not isinstance(message, Mapping) or message.get("role", "assistant") != "assistant":
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, (list, tuple)):
+                texts.extend(
+                    str(part.get("text", "")) for part in content if isinstance(part, Mapping) and part.get("type") == "text"
+                )
+        return "".join(texts)
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------------
+# components
+
+
+def format_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget) -> float:
+    """Graded format credit: 0 when unparseable; 1 only for a think + answer with a shown slice and valid boxes.
+
+    0.4 for a parseable answer, 0.1 for a non-empty think, 0.2 for a shown slice, 0.3 scaled by the
+    fraction of boxes that are proper and inside the image and by max_boxes / n when there are too many.
+    A score of 1 means exactly: think present and `anchor.answer_problems` finds nothing (tested).
+    """
+    if not isinstance(parsed, ParsedAnswer):
+        return 0.0
+    score = 0.4
+    if parsed.has_think and parsed.think:
+        score += 0.1
+    if parsed.slice_index in target.shown_slices:
+        score += 0.2
+    size = float(target.image_size)
+    boxes = parsed.boxes
+    valid = sum(1 for x1, y1, x2, y2 in boxes if x1 < x2 and y1 < y2 and min(x1, y1) >= 0 and max(x2, y2) <= size)
+    n = len(boxes)
+    score += 0.3 * (valid / n) * min(1.0, target.max_boxes / n)
+    return float(min(1.0, score))
+
+
+def _oracle_at(oracle: Mapping[int, float], z: Sequence[int]) -> np.ndarray:
+    """Q at slices z, linearly interpolated between the precomputed slices and 0 outside them."""
+    known = np.asarray(sorted(oracle), dtype=float)
+    values = np.asarray([oracle[int(k)] for k in known], dtype=float)
+    return np.interp(np.asarray(z, dtype=float), known, values, left=0.0, right=0.0)
+
+
+def slice_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget, source: str = "auto") -> float:
+    """A(k) / max A over the shown slices (or Q(k) / max Q with an oracle curve); 0 for unshown or missed slices.
+
+    `source`: "area", "oracle", or "auto" (oracle when the target has one with a positive maximum).
+    """
+    if not isinstance(parsed, ParsedAnswer):
+        return 0.0
+    k = parsed.slice_index
+    shown = target.shown_slices
+    if k not in shown or not 0 <= k < target.num_slices:
+        return 0.0
+    if source in ("auto", "oracle") and target.oracle:
+        curve = _oracle_at(target.oracle, shown)
+        best = float(curve.max())
+        if best > 0:
+            return float(np.clip(curve[shown.index(k)] / best, 0.0, 1.0))
+        if source == "oracle":
+            return 0.0
+    areas = np.asarray(target.slice_areas, dtype=float)
+    best = float(areas[shown].max()) if shown else 0.0
+    return float(areas[k] / best) if best > 0 else 0.0
+
+
+def box_iou_matrix(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of every predicted box with every GT box, (N, M); inverted boxes have zero area."""
+    p = np.asarray(pred, dtype=float).reshape(-1, 4)
+    g = np.asarray(gt, dtype=float).reshape(-1, 4)
+    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
+    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
+    w = np.clip(np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1]), 0, None)
+    inter = w * h
+    union = area_p[:, None] + area_g[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+    return np.nan_to_num(iou, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def matched_box_score(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> float:
+    """Hungarian matching on IoU; sum of matched IoUs / max(N, M), so extra and missing boxes both cost."""
+    n, m = len(pred), len(gt)
+    if n == 0 or m == 0:
+        return 0.0
+    iou = box_iou_matrix(pred, gt)
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    return float(iou[rows, cols].sum() / max(n, m))
+
+
+def grounding_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget) -> float:
+    """Matched box IoU against the GT boxes on the slice the answer chose (0 off the shown slices)."""
+    if not isinstance(parsed, ParsedAnswer):
+        return 0.0
+    gt = target.gt_boxes.get(parsed.slice_index)
+    if not gt:
+        return 0.0
+    return matched_box_score(parsed.boxes, gt)
+
+
+Resolver = Callable[[str, Sequence[int]], tuple[Volume, np.ndarray]]
+
+
+class CoherenceScorer:
+    """Cross-slice coherence: propagate the answer's anchor over k±W with a frozen propagator, Dice vs GT there.
+
+    `resolve(case_id, labels)` returns the volume and its GT mask (K, J, I); the last result is kept and
+    `propagator.prepare` runs only when the volume changes, so the rollouts of one GRPO group (same
+    prompt, consecutive) encode the volume once.  `window=None` scores the full volume.
+    """
+
+    def __init__(self, propagator: Propagator, resolve: Resolver, *, window: Optional[int] = 8) -> None:
+        self.propagator = propagator
+        self.resolve = resolve
+        self.window = window
+        self._resolved_key: Optional[tuple] = None
+        self._resolved: Optional[tuple[Volume, np.ndarray]] = None
+        self._prepared: Optional[str] = None
+        self.prepare_calls = 0
+
+    def _volume(self, target: RewardTarget) -> tuple[Volume, np.ndarray]:
+        key = (target.case_id, tuple(target.labels))
+        if key != self._resolved_key:
+            volume, gt = self.resolve(target.case_id, target.labels)
+            gt = np.asarray(gt) != 0
+            if gt.shape != volume.shape:
+                raise DataError(f"{target.case_id}: GT mask shape {gt.shape} differs from the volume's {volume.shape}")
+            if volume.shape[0] != target.num_slices or tuple(volume.shape[1:]) != tuple(target.geometry["shape_ji"]):
+                raise DataError(f"{target.case_id}: resolved volume {volume.shape} does not match the reward target's grid")
+            self._resolved_key, self._resolved = key, (volume, gt)
+        assert self._resolved is not None
+        return self._resolved
+
+    def score(self, parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget) -> float:
+        if not isinstance(parsed, ParsedAnswer) or parsed.slice_index not in target.shown_slices:
+            return 0.0
+        try:
+            anchor = target.view_geometry().anchor_from_answer(parsed, target.num_slices)
+        except (AnchorError, ValueError, OverflowError):
+            return 0.0
+        volume, gt = self._volume(target)
+        if self._prepared != volume.fingerprint:
+            self.propagator.prepare(volume)
+            self._prepared = volume.fingerprint
+            self.prepare_calls += 1
+        k, last = anchor.slice_index, volume.num_slices - 1
+        z0, z1 = (0, last) if self.window is None else (max(0, k - self.window), min(last, k + self.window))
+        gt_window = gt[z0 : z1 + 1]
+        if not gt_window.any():
+            return 0.0  # the window misses the target: an empty prediction must not score as agreement
+        pred = np.asarray(self.propagator.propagate(anchor, merge=True, slice_range=(z0, z1)))
+        if pred.shape != volume.shape:
+            raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
+        return float(dice(pred[z0 : z1 + 1], gt_window))
+
+
+def oracle_curve(
+    propagator: Propagator,
+    volume: Volume,
+    gt_mask: np.ndarray,
+    boxes_by_slice: Mapping[int, Sequence[VoxelBox]],
+    *,
+    window: Optional[int] = None,
+) -> dict[int, float]:
+    """Q(z): Dice of the propagator started from the GT boxes on slice z (0 where z has no boxes).
+
+    Precompute on a few slices per sample (it costs one propagation each) and store in RewardTarget.oracle.
+    """
+    gt = np.asarray(gt_mask) != 0
+    propagator.prepare(volume)
+    curve: dict[int, float] = {}
+    last = volume.num_slices - 1
+    for z, boxes in sorted(boxes_by_slice.items()):
+        if not boxes:
+            curve[int(z)] = 0.0
+            continue
+        z0, z1 = (0, last) if window is None else (max(0, z - window), min(last, z + window))
+        pred = np.asarray(propagator.propagate(EvidenceAnchor(int(z), tuple(boxes)), merge=True, slice_range=(z0, z1)))
+        curve[int(z)] = dice(pred[z0 : z1 + 1], gt[z0 : z1 + 1])
+    return curve
+
+
+# ----------------------------------------------------------------------------------------------------
+# batch API
+
+
+class _TargetCache:
+    """Parses each distinct JSON target once per call (a group's rollouts share one string)."""
+
+    def __init__(self) -> None:
+        self._by_text: dict[str, RewardTarget] = {}
+
+    def get(self, value: Any) -> RewardTarget:
+        if isinstance(value, str):
+            if value not in self._by_text:
+                self._by_text[value] = RewardTarget.from_json(value)
+            return self._by_text[value]
+        return RewardTarget.coerce(value)
+
+
+def _parse_all(completions: Sequence[Any]) -> list[Union[ParsedAnswer, ParseFailure]]:
+    return [parse_answer(completion_text(c)) for c in completions]
+
+
+def _check_lengths(completions: Sequence[Any], targets: Sequence[Any]) -> None:
+    if len(completions) != len(targets):
+        raise ValueError(f"{len(completions)} completions but {len(targets)} reward targets")
+
+
+def compute_rewards(
+    completions: Sequence[Any],
+    targets: Sequence[Union[RewardTarget, str, Mapping[str, Any]]],
+    weights: RewardWeights = RewardWeights(),
+    coherence: Optional[CoherenceScorer] = None,
+    *,
+    slice_source: str = "auto",
+) -> dict[str, list[float]]:
+    """All reward components per completion plus their weighted "total" ("coherence" only with a scorer)."""
+    _check_lengths(completions, targets)
+    cache = _TargetCache()
+    resolved = [cache.get(t) for t in targets]
+    parsed = _parse_all(completions)
+    out: dict[str, list[float]] = {
+        "format": [format_score(p, t) for p, t in zip(parsed, resolved)],
+        "slice": [slice_score(p, t, slice_source) for p, t in zip(parsed, resolved)],
+        "grounding": [grounding_score(p, t) for p, t in zip(parsed, resolved)],
+    }
+    if coherence is not None:
+        out["coherence"] = [coherence.score(p, t) for p, t in zip(parsed, resolved)]
+    w = weights.as_dict()
+    out["total"] = [float(sum(w[name] * out[name][n] for name in COMPONENTS if name in out)) for n in range(len(parsed))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# trl reward functions: f(prompts, completions, reward_target, **kwargs) -> list[float]
+
+
+def _reward_function(name: str, score: Callable[[Union[ParsedAnswer, ParseFailure], RewardTarget], float]) -> Callable[..., list[float]]:
+    def reward(prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any) -> list[float]:
+        _check_lengths(completions, reward_target)
+        cache = _TargetCache()
+        return [float(score(p, cache.get(t))) for p, t in zip(_parse_all(completions), reward_target)]
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
+def make_format_reward() -> Callable[..., list[float]]:
+    return _reward_function("format_reward", format_score)
+
+
+def make_slice_reward(source: str = "auto") -> Callable[..., list[float]]:
+    if source not in ("auto", "area", "oracle"):
+        raise ValueError(f"slice reward source must be auto, area or oracle, got {source!r}")
+    return _reward_function("slice_reward", lambda p, t: slice_score(p, t, source))
+
+
+def make_grounding_reward() -> Callable[..., list[float]]:
+    return _reward_function("grounding_reward", grounding_score)
+
+
+def make_coherence_reward(propagator: Propagator, resolve: Resolver, *, window: Optional[int] = 8) -> Callable[..., list[float]]:
+    scorer = CoherenceScorer(propagator, resolve, window=window)
+    reward = _reward_function("coherence_reward", scorer.score)
+    reward.scorer = scorer  # type: ignore[attr-defined]
+    return reward
+
+
+def make_reward_functions(
+    weights: RewardWeights = RewardWeights(),
+    *,
+    propagator: Optional[Propagator] = None,
+    resolve: Optional[Resolver] = None,
+    window: Optional[int] = 8,
+    slice_source: str = "auto",
+) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    """The reward functions and matching weights for GRPOConfig(reward_weights=...); coherence needs both
+    a propagator and a resolver."""
+    funcs = [make_format_reward(), make_slice_reward(slice_source), make_grounding_reward()]
+    values = [weights.format, weights.slice, weights.grounding]
+    if propagator is not None and resolve is not None:
+        funcs.append(make_coherence_reward(propagator, resolve, window=window))
+        values.append(weights.coherence)
+    return funcs, values
