@@ -1,0 +1,73 @@
+"""Load the policy (Qwen2.5-VL + processor), attach LoRA or a starting adapter, freeze the vision tower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..errors import CheckpointError
+from .config import TINY_MODEL, PolicyArguments
+
+
+def resolve_model_path(args: PolicyArguments) -> str:
+    """'tiny' builds (or reuses) the offline tiny Qwen2.5-VL fixture; anything else is passed through."""
+    if args.model_name_or_path == TINY_MODEL:
+        from ..fixtures.tiny_qwen import build_tiny_qwen
+
+        return str(build_tiny_qwen(args.tiny_model_dir))
+    return args.model_name_or_path
+
+
+def _dtype(name: str, use_cpu: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and not use_cpu else torch.float32
+    if not hasattr(torch, name):
+        raise ValueError(f"unknown torch dtype {name!r}")
+    return getattr(torch, name)
+
+
+def load_policy(args: PolicyArguments, *, use_cpu: bool = False, gradient_checkpointing: bool = False):
+    """(model, processor, model_path): LoRA-wrapped (new, or the starting adapter made trainable) or full."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model_path(args)
+    kwargs = {"dtype": _dtype(args.torch_dtype, use_cpu), "trust_remote_code": False}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise CheckpointError(f"cannot load the policy from {path!r}: {exc}") from exc
+    if gradient_checkpointing:
+        model.config.use_cache = False
+    if args.adapter_path:
+        from peft import PeftModel
+
+        if not (Path(args.adapter_path) / "adapter_config.json").exists():
+            raise CheckpointError(f"{args.adapter_path}: no adapter_config.json (expected the SFT output folder)")
+        model = PeftModel.from_pretrained(model, args.adapter_path, is_trainable=True)
+    elif args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_target_regex,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    elif args.freeze_vision:
+        for name, param in model.named_parameters():
+            if ".visual." in f".{name}" or name.startswith("visual") or "vision_tower" in name:
+                param.requires_grad_(False)
+    return model, processor, path
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,254 @@
+"""Cases -> VRS records (one per query) on top of `samples.build_samples`.
+
+`build_samples` finds each target's GT key slice and boxes among the shown slices; here each sample
+is expanded into one record per query phrasing of the chosen split, optionally for several shifted
+slice sets (so the key slice moves between rows), with the oracle curve Q(z) from the frozen
+propagator when asked.  Targets that are absent, empty or invisible are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .records import VRSRecord
+from .store import LoadedCase
+
+# Targets that make sense for the embedded sample CT and the three M3D-Seg datasets.
+DEFAULT_TARGETS = (
+    "liver", "spleen", "kidneys", "kidney_right", "kidney_left", "gallbladder", "stomach", "pancreas",
+    "urinary_bladder", "aorta", "lungs", "kidney_tumor", "kidney_cyst", "bone", "brain",
+)
+SIDED_SUFFIXES = ("_right", "_left")
+
+
+@dataclass
+class PrepareConfig:
+    targets: Sequence[str] = DEFAULT_TARGETS
+    num_views: int = 16
+    image_size: int = 448
+    window: Optional[str] = None
+    query_split: str = "train"  # "train" | "held_out" | "all"
+    max_queries_per_target: int = 0  # 0: all phrasings of the split
+    view_sets: int = 1  # >1: extra slice sets shifted along z (augmentation: the key slice moves)
+    laterality: bool = True  # False for datasets whose orientation is not verified
+    oracle_stride: int = 0  # >0: oracle curve Q(z) on every n-th shown slice showing the target (+ key slice)
+    oracle_window: Optional[int] = None  # propagate +-W slices for Q(z) (None: whole volume)
+    min_key_voxels: int = 10
+    seed: int = 0
+
+
+@dataclass
+class PrepareReport:
+    records: list[VRSRecord] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"case", "target", "reason"}
+
+
+def shown_slice_sets(volume, num_views: int, view_sets: int, seed: int) -> list[list[int]]:
+    """The default evenly spaced slice set, plus `view_sets - 1` copies shifted by up to half the gap."""
+    from ..views import body_slice_range, select_slices
+
+    base = list(select_slices(volume, num_views))
+    sets = [base]
+    low, high = body_slice_range(volume)
+    gap = max(1.0, (high - low) / max(1, num_views - 1))
+    rng = random.Random(seed)
+    for _ in range(max(0, view_sets - 1)):
+        shift = rng.uniform(-gap / 2, gap / 2)
+        sets.append(sorted({int(np.clip(round(k + shift), 0, volume.num_slices - 1)) for k in base}))
+    return sets
+
+
+def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -> PrepareReport:
+    """All records of one case; with a propagator and `oracle_stride > 0` the oracle curve Q(z) is filled."""
+    from ..samples import build_samples
+
+    report = PrepareReport()
+    case_id = case.source.case_id
+    targets = [t for t in config.targets if config.laterality or not t.endswith(SIDED_SUFFIXES)]
+    for t in config.targets:
+        if t not in targets:
+            report.skipped.append({"case": case_id, "target": t, "reason": "laterality not allowed (orientation unverified)"})
+    rng = random.Random(f"{config.seed}:{case_id}")
+    for set_index, shown in enumerate(shown_slice_sets(case.volume, config.num_views, config.view_sets, config.seed)):
+        result = build_samples(
+            case.volume,
+            case.label_map,
+            case.label_names,
+            case_id=case_id,
+            targets=targets,
+            shown_slices=shown,
+            image_size=config.image_size,
+            min_key_voxels=config.min_key_voxels,
+        )
+        for s in result.skipped:
+            report.skipped.append({"case": case_id, "target": s.target, "reason": f"{s.reason} (slice set {set_index})"})
+        for sample in result.samples:
+            queries = sample.queries if config.query_split == "all" else sample.queries_for(config.query_split)
+            if not config.laterality:
+                queries = [q for q in queries if q.kind != "laterality"]
+            if config.max_queries_per_target and len(queries) > config.max_queries_per_target:
+                queries = rng.sample(queries, config.max_queries_per_target)
+            if not queries:
+                report.skipped.append({"case": case_id, "target": sample.target, "reason": f"no {config.query_split} queries"})
+                continue
+            oracle: dict[str, float] = {}
+            if propagator is not None and config.oracle_stride > 0:
+                oracle = _oracle(propagator, case, sample, config)
+            for n, query in enumerate(queries):
+                report.records.append(
+                    VRSRecord(
+                        id=f"{case_id}/{sample.target}/v{set_index}/q{n}",
+                        case_id=case_id,
+                        dataset=case.source.dataset,
+                        target=sample.target,
+                        parts=[[case.label_names.get(v, str(v)) for v in part] for part in sample.parts],
+                        labels=list(sample.label_values),
+                        query=query.text,
+                        query_kind=query.kind,
+                        query_split=query.split,
+                        slices=list(sample.shown_slices),
+                        image_size=sample.image_size,
+                        window=config.window,
+                        gt_slice=int(sample.key_slice),
+                        gt_boxes=sample.boxes_pixel,
+                        boxes_by_slice={str(k): v for k, v in sample.boxes_pixel_by_slice.items()},
+                        areas=list(sample.slice_areas),
+                        geometry=dict(sample.geometry),
+                        oracle=oracle,
+                    )
+                )
+    return report
+
+
+def _oracle(propagator, case: LoadedCase, sample, config: PrepareConfig) -> dict[str, float]:
+    from ..anchor import VoxelBox
+    from ..rewards import oracle_curve
+
+    geometry = sample.view_geometry()
+    visible = [k for k in sample.shown_slices if sample.slice_areas[k] > 0]
+    chosen = sorted(set(visible[:: config.oracle_stride]) | {sample.key_slice})
+    boxes = {k: [geometry.to_voxel_box(b) for b in sample.boxes_pixel_by_slice[k]] for k in chosen}
+    boxes = {k: [VoxelBox(*b.as_list()) for b in v] for k, v in boxes.items()}
+    curve = oracle_curve(propagator, case.volume, case.target_mask(sample.label_values), boxes, window=config.oracle_window)
+    return {str(k): float(v) for k, v in curve.items()}
+
+
+def summarise(report: PrepareReport) -> dict:
+    by_target: dict[str, int] = {}
+    for r in report.records:
+        by_target[r.target] = by_target.get(r.target, 0) + 1
+    return {"records": len(report.records), "by_target": by_target, "skipped": report.skipped}
+
+
+def summary_text(report: PrepareReport) -> str:
+    return json.dumps(summarise(report), indent=1)
+
+
+@dataclass
+class PrepareArguments:
+    """Training/prepare_data.py: which cases, which targets, how views are rendered."""
+
+    out_dir: str = field(default="runs/data", metadata={"help": "output folder (cases.json, train.jsonl, test.jsonl, report.json)"})
+    sample_ct: bool = field(default=True, metadata={"help": "include the embedded real sample CT"})
+    m3d_root: Optional[str] = field(default=None, metadata={"help": "M3D-Seg root folder (holds 0003/, 0004/, 0012/)"})
+    m3d_datasets: str = field(default="0003,0004,0012", metadata={"help": "comma-separated dataset codes"})
+    m3d_max_cases: int = field(default=0, metadata={"help": "per dataset and split; 0: all"})
+    m3d_orientation: Optional[str] = field(default=None, metadata={"help": "override the assumed array orientation (e.g. RAS)"})
+    m3d_laterality: bool = field(default=False, metadata={"help": "allow left/right queries on M3D-Seg (only after checking orientation)"})
+    targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "comma-separated target keys"})
+    num_views: int = 16
+    image_size: int = 448
+    view_window: Optional[str] = field(default=None, metadata={"help": "CT window preset or 'percentile'"})
+    train_view_sets: int = field(default=1, metadata={"help": "shifted slice sets per training case"})
+    max_queries_per_target: int = 0
+    oracle_stride: int = field(default=0, metadata={"help": ">0: oracle curve Q(z) with the propagator below"})
+    oracle_propagator: str = field(default="litemedsam", metadata={"help": "litemedsam | medsam2"})
+    oracle_window: int = field(default=-1, metadata={"help": "+-W slices for Q(z); -1: whole volume"})
+    sam_checkpoint: Optional[str] = None
+    prepare_seed: int = 0
+
+
+def prepare_dataset(args: PrepareArguments) -> dict:
+    """Write cases.json, train.jsonl (train phrasings, train cases), test.jsonl (held-out phrasings, test cases).
+
+    The sample CT is a single case: it appears in both files, so its test rows differ by phrasing only
+    (held-out wording), which is what the learning check measures.
+    """
+    from .records import write_records
+    from .store import CaseSource, load_case, write_cases
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    propagator = None
+    if args.oracle_stride > 0:
+        from ..propagation.factory import build_propagator
+
+        propagator = build_propagator(args.oracle_propagator, sam_checkpoint=args.sam_checkpoint)
+    plans: list[tuple[CaseSource, str, bool]] = []  # (source, split, laterality)
+    if args.sample_ct:
+        plans += [(CaseSource("sample_ct", "sample_ct", dataset="sample"), split, True) for split in ("train", "test")]
+    if args.m3d_root:
+        from ..m3d import laterality_allowed, read_split
+
+        for code in (c.strip() for c in args.m3d_datasets.split(",") if c.strip()):
+            for split in ("train", "test"):
+                refs = read_split(args.m3d_root, code, split)
+                if args.m3d_max_cases:
+                    refs = refs[: args.m3d_max_cases]
+                for ref in refs:
+                    source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
+                    plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
+    records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
+    skipped: list[dict] = []
+    sources = {}
+    for source, split, laterality in plans:
+        config = PrepareConfig(
+            targets=targets, num_views=args.num_views, image_size=args.image_size, window=args.view_window,
+            query_split="train" if split == "train" else "held_out", max_queries_per_target=args.max_queries_per_target,
+            view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
+            oracle_stride=args.oracle_stride, oracle_window=None if args.oracle_window < 0 else args.oracle_window,
+            seed=args.prepare_seed,
+        )
+        try:
+            case = load_case(source)
+        except Exception as exc:  # a corrupt case is reported, the rest of the split still prepared
+            from ..errors import MedVolR1Error
+
+            if not isinstance(exc, MedVolR1Error):
+                raise
+            skipped.append({"case": source.case_id, "target": "*", "reason": f"unreadable case: {exc}"})
+            continue
+        sources[source.case_id] = source
+        report = build_records(case, config, propagator=propagator if split == "train" else None)
+        records[split] += report.records
+        skipped += [{**s, "split": split} for s in report.skipped]
+    write_cases(out / "cases.json", list(sources.values()))
+    for split, rows in records.items():
+        write_records(out / f"{split}.jsonl", rows)
+    summary = {
+        "records": {split: len(rows) for split, rows in records.items()},
+        "targets": {split: sorted({r.target for r in rows}) for split, rows in records.items()},
+        "skipped": _dedupe(skipped),
+        "settings": {k: getattr(args, k) for k in args.__dataclass_fields__},
+    }
+    from ..volume import atomic_write
+
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
+
+
+def _dedupe(skipped: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for s in skipped:
+        key = (s.get("case"), s.get("target"), s.get("reason", "").split(" (slice set")[0], s.get("split"))
+        if key not in seen:
+            seen.add(key)
+            out.append({**s, "reason": key[2]})
+    return out
