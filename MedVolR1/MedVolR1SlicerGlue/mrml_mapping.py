@@ -1,0 +1,288 @@
+"""Exact mapping between MRML nodes and MedVolR1Lib types: volume node <-> Volume, anchor <-> ROI nodes,
+canonical mask -> segment on the volume's own grid.
+
+Why here and not in MedVolR1Lib: it needs MRML classes; why not in MedVolR1.py: it must run (and be
+tested) without Qt or the Slicer application, e.g. with the `slicer-core` wheel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_from_ras_bounds, box_ras_bounds
+from MedVolR1Lib.errors import AnchorError, VolumeError
+from MedVolR1Lib.volume import Volume, volume_from_array
+
+EVIDENCE_ATTRIBUTE = "MedVolR1.Evidence"  # value: ID of the volume node the ROI belongs to
+EVIDENCE_INDEX_ATTRIBUTE = "MedVolR1.EvidenceIndex"
+EVIDENCE_NAME = "Evidence {n}"
+_DECIMALS = 6  # rounding of voxel coordinates read back from ROIs: kills float noise, keeps sub-voxel edits
+
+
+def _slicer():
+    import slicer  # real Slicer or the slicer-core wheel
+
+    return slicer
+
+
+def matrix_to_numpy(matrix) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def numpy_to_matrix(array: np.ndarray):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras_of(volume_node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_to_numpy(matrix)
+
+
+def array_from_volume_node(volume_node) -> np.ndarray:
+    """Voxel array (K, J, I) copied out of the node, like slicer.util.arrayFromVolume but without the app.
+
+    Copied so the worker thread never reads memory the GUI thread may replace.
+    """
+    from vtk.util import numpy_support
+
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        raise VolumeError(f"{volume_node.GetName()}: the volume node holds no image data")
+    scalars = image.GetPointData().GetScalars()
+    components = scalars.GetNumberOfComponents()
+    if components != 1:
+        raise VolumeError(
+            f"{volume_node.GetName()}: has {components} values per voxel (a vector, RGB or 4D volume); "
+            "choose a single 3D scalar volume (for a 4D series, pick one frame in the Sequences module)"
+        )
+    dims = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(scalars).reshape(dims[2], dims[1], dims[0]).copy()
+
+
+def volume_from_node(volume_node, *, modality: Optional[str] = None) -> Volume:
+    """A canonical Volume from a scalar volume node; raises VolumeError with a message for the user."""
+    if volume_node is None:
+        raise VolumeError("No input volume selected: load a CT or MR scan and pick it as the input volume")
+    slicer = _slicer()
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise VolumeError(f"{volume_node.GetName()}: is a {volume_node.GetClassName()}; choose a scalar (grayscale) volume")
+    if volume_node.GetParentTransformNode() is not None:
+        raise VolumeError(
+            f"{volume_node.GetName()}: is under a transform; harden it (Data module, right-click, Harden transform) "
+            "so the evidence boxes and the segmentation stay on the scan's voxels"
+        )
+    del slicer
+    array = array_from_volume_node(volume_node)
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise VolumeError(
+            f"{volume_node.GetName()}: is a 2D image or single slice (size {tuple(array.shape[::-1])} voxels); "
+            "MedVol-R1 needs a 3D volume"
+        )
+    return volume_from_array(array, ijk_to_ras_of(volume_node), modality=modality, name=volume_node.GetName())
+
+
+# ----------------------------------------------------------------------------------------------- anchors <-> ROIs
+
+
+@dataclass(frozen=True)
+class RoiGeometry:
+    """Centre and size in RAS mm of one evidence box, one slice thick."""
+
+    center: tuple[float, float, float]
+    size: tuple[float, float, float]
+
+
+def roi_geometry(volume: Volume, slice_index: int, box: VoxelBox) -> RoiGeometry:
+    lo, hi = box_ras_bounds(volume.ijk_to_ras, slice_index, box)
+    center = (lo + hi) / 2.0
+    return RoiGeometry(tuple(float(v) for v in center), tuple(float(v) for v in hi - lo))  # type: ignore[arg-type]
+
+
+def roi_center_size(roi_node) -> tuple[np.ndarray, np.ndarray]:
+    """ROI centre and size in RAS mm (the node's own frame: evidence ROIs are never transformed)."""
+    center = np.zeros(3)
+    roi_node.GetCenter(center)
+    return center, np.array(roi_node.GetSize(), dtype=np.float64)
+
+
+def box_from_roi(volume: Volume, roi_node) -> tuple[VoxelBox, int]:
+    """(voxel box, slice index) covered by an ROI node, in canonical voxel edge coordinates."""
+    center, size = roi_center_size(roi_node)
+    box, k = box_from_ras_bounds(volume.ijk_to_ras, center - size / 2.0, center + size / 2.0)
+    rounded = VoxelBox(*(round(v, _DECIMALS) + 0.0 for v in box.as_list()))
+    return rounded, k
+
+
+def evidence_rois(scene, volume_node) -> list:
+    """The evidence ROIs of this volume, in their index order ("Evidence 1", "Evidence 2", ...)."""
+    if scene is None or volume_node is None:
+        return []
+    found = []
+    nodes = scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+    for n in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(n)
+        if node.GetAttribute(EVIDENCE_ATTRIBUTE) == volume_node.GetID():
+            found.append(node)
+    return sorted(found, key=lambda node: int(node.GetAttribute(EVIDENCE_INDEX_ATTRIBUTE) or 0))
+
+
+def place_evidence_rois(scene, volume_node, volume: Volume, anchor: EvidenceAnchor, existing: Sequence = ()) -> list:
+    """Create or update one ROI per box ("Evidence n"), one slice thick, on the anchor's key slice.
+
+    Existing ROIs are reused (their observers survive) and surplus ones removed.  Setting geometry
+    from code fires only ModifiedEvent, never PointEndInteractionEvent, so no edit loop can start.
+    """
+    anchor.validate(volume.shape)
+    existing = list(existing)
+    rois = []
+    for n, box in enumerate(anchor.boxes, start=1):
+        geometry = roi_geometry(volume, int(anchor.slice_index), box)
+        if existing:
+            roi = existing.pop(0)
+        else:
+            roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", EVIDENCE_NAME.format(n=n))
+            roi.CreateDefaultDisplayNodes()
+        was_modifying = roi.StartModify()
+        roi.SetName(EVIDENCE_NAME.format(n=n))
+        roi.SetAttribute(EVIDENCE_ATTRIBUTE, volume_node.GetID())
+        roi.SetAttribute(EVIDENCE_INDEX_ATTRIBUTE, str(n))
+        roi.SetCenter(*geometry.center)
+        roi.SetSize(*geometry.size)
+        roi.EndModify(was_modifying)
+        rois.append(roi)
+    for surplus in existing:
+        scene.RemoveNode(surplus)
+    return rois
+
+
+def anchor_from_rois(volume: Volume, rois: Sequence, key_roi=None) -> EvidenceAnchor:
+    """The anchor the ROIs show now; the key slice is the one of `key_roi` (the ROI the user moved last).
+
+    Boxes of the other ROIs keep their in-plane extent and move to that slice: the anchor has one key slice.
+    """
+    if not rois:
+        raise AnchorError("no evidence boxes: run 'Find evidence' or place an ROI named 'Evidence 1' on the key slice")
+    boxes_and_slices = [box_from_roi(volume, roi) for roi in rois]
+    key_position = list(rois).index(key_roi) if key_roi is not None and key_roi in list(rois) else 0
+    key_slice = boxes_and_slices[key_position][1]
+    anchor = EvidenceAnchor(key_slice, tuple(box for box, _ in boxes_and_slices))
+    anchor.validate(volume.shape)
+    return anchor.clipped(volume.shape)
+
+
+def key_point_ras(volume: Volume, anchor: EvidenceAnchor) -> tuple[float, float, float]:
+    """RAS point at the centre of the first box on the key slice: where the slice views jump to."""
+    box = anchor.boxes[0]
+    ijk = ((box.i0 + box.i1) / 2.0 - 0.5, (box.j0 + box.j1) / 2.0 - 0.5, float(anchor.slice_index))
+    return tuple(float(v) for v in volume.ras_from_ijk(ijk))  # type: ignore[return-value]
+
+
+def jump_slice_node(slice_node, ras: Sequence[float]) -> None:
+    """Move a slice view (e.g. Red) so it shows the plane through `ras`, keeping its orientation."""
+    slice_node.JumpSliceByOffsetting(float(ras[0]), float(ras[1]), float(ras[2]))
+
+
+# ------------------------------------------------------------------------------------------ mask -> segmentation
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the labelmap <-> surface rules; the Segmentations module does this in the app, slicer-core does not."""
+    slicer = _slicer()
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {rule.GetClassName() for rule in (factory.GetConverterRules() or ())}
+    for rule_class in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule, slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule):
+        if rule_class.__name__ not in registered:
+            factory.RegisterConverterRule(rule_class())
+
+
+def _oriented_image(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
+    import vtk
+    from vtk.util import numpy_support
+
+    slicer = _slicer()
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(int(array_kji.shape[2]), int(array_kji.shape[1]), int(array_kji.shape[0]))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array_kji.shape)[:] = array_kji
+    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras))
+    return image
+
+
+def write_mask_segment(
+    scene,
+    volume_node,
+    volume: Volume,
+    mask: np.ndarray,
+    segment_name: str,
+    segmentation_node=None,
+    color: Optional[Sequence[float]] = None,
+):
+    """Put a canonical (K, J, I) mask into a segment named `segment_name` on the volume node's exact grid.
+
+    Returns (segmentation node, segment id).  A segment of the same name is overwritten, so running
+    "Segment" again replaces the result rather than piling up copies.
+    """
+    slicer = _slicer()
+    mask = np.asarray(mask)
+    if mask.shape != volume.shape:
+        raise VolumeError(f"{volume.name}: mask shape {mask.shape} does not match volume shape {volume.shape}")
+    ensure_segmentation_converters()
+    source_order = (volume.to_source_array(mask) > 0).astype(np.uint8)
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} MedVol-R1")
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.GetSegmentIdBySegmentName(segment_name)
+    if not segment_id:
+        segment_id = segmentation.AddEmptySegment("", segment_name, list(color) if color is not None else [0.9, 0.4, 0.1])
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    image = _oriented_image(source_order, ijk_to_ras_of(volume_node))
+    if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise VolumeError(f"could not write the mask into segment {segment_name!r} of {segmentation_node.GetName()}")
+    return segmentation_node, segment_id
+
+
+def segment_array(scene, segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a 0/1 uint8 array (K, J, I) on the volume node's own grid (source order).
+
+    Export through a temporary labelmap node, removed again, so the scene is left as found.
+    """
+    import vtk
+
+    slicer = _slicer()
+    ensure_segmentation_converters()
+    before = set(node_ids(scene))
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__medvolr1_export__")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
+            raise VolumeError(f"could not export segment {segment_id} of {segmentation_node.GetName()}")
+        return (array_from_volume_node(labelmap) > 0).astype(np.uint8)
+    finally:
+        # The export adds a display node (and, without the app, a color table): remove all it added.
+        remove_nodes(scene, [scene.GetNodeByID(i) for i in set(node_ids(scene)) - before])
+
+
+def node_ids(scene) -> list[str]:
+    """IDs of every node in the scene: tests and the Cancel path compare them before/after."""
+    return sorted(scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes()))
+
+
+def remove_nodes(scene, nodes: Iterable) -> None:
+    for node in nodes:
+        if node is not None and scene.IsNodePresent(node):
+            scene.RemoveNode(node)

@@ -1,0 +1,457 @@
+"""The Slicer module's MRML logic on a real vtkMRMLScene (slicer-core wheel, no Slicer app, no Qt).
+
+Proves: volume nodes (read by Slicer's own NIfTI reader, and flipped / LPS / permuted copies) give the
+same canonical Volume; anchors <-> evidence ROIs round-trip to the voxel; masks <-> segments are exact
+on the node's grid; a user drag triggers exactly one re-propagation and code updates none; failures,
+model garbage and Cancel leave the scene untouched.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedVolR1"))
+
+from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
+from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
+from MedVolR1SlicerGlue.session import BusyError, EvidenceSession, QueryError  # noqa: E402
+from MedVolR1SlicerGlue.settings import PanelSettings, check_settings  # noqa: E402
+
+from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox  # noqa: E402
+from MedVolR1Lib.errors import AnchorError, CheckpointError, DeviceError, VolumeError  # noqa: E402
+from MedVolR1Lib.volume import load_volume  # noqa: E402
+
+
+class ManualTimer:
+    """Stands in for qt.QTimer (single shot): the test decides when time has passed."""
+
+    def __init__(self):
+        self.callback = None
+        self.starts = 0
+
+    def start(self, delay_ms, callback):
+        self.callback = callback
+        self.starts += 1
+
+    def stop(self):
+        self.callback = None
+
+    def fire(self):
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _set_node_array(node, array_kji, ijk_to_ras):
+    from vtk.util import numpy_support
+
+    array_kji = np.ascontiguousarray(array_kji)
+    image = vtk.vtkImageData()
+    image.SetDimensions(array_kji.shape[2], array_kji.shape[1], array_kji.shape[0])
+    image.AllocateScalars(numpy_support.get_vtk_array_type(array_kji.dtype), 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(array_kji.shape)[:] = array_kji
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(mm.numpy_to_matrix(ijk_to_ras))
+    return node
+
+
+def _read_with_slicer(scene, path, name, cls="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(cls, name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer's reader could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def _flip(array, matrix, axis_ijk):
+    """Same anatomy stored with index axis `axis_ijk` (0=i) reversed."""
+    out = matrix.copy()
+    n = array.shape[2 - axis_ijk]
+    out[:3, 3] = matrix[:3, 3] + matrix[:3, axis_ijk] * (n - 1)
+    out[:3, axis_ijk] = -matrix[:3, axis_ijk]
+    return np.flip(array, 2 - axis_ijk), out
+
+
+def _swap_ij(array, matrix):
+    out = matrix.copy()
+    out[:, [0, 1]] = matrix[:, [1, 0]]
+    return np.swapaxes(array, 1, 2), out
+
+
+def _variants(array, matrix):
+    lps_a, lps_m = _flip(*_flip(array, matrix, 0), 1)
+    return {
+        "as_read": (array, matrix),
+        "flip_i": _flip(array, matrix, 0),
+        "lps": (lps_a, lps_m),
+        "flip_k": _flip(array, matrix, 2),
+        "swap_ij": _swap_ij(array, matrix),
+    }
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture(scope="module")
+def ct_nodes(scene, sample_ct):
+    """The sample CT read by Slicer's reader, plus copies with flipped / permuted index axes."""
+    read = _read_with_slicer(scene, sample_ct.ct_path, "ct")
+    array, matrix = mm.array_from_volume_node(read), mm.ijk_to_ras_of(read)
+    nodes = {"as_read": read}
+    for name, (a, m) in _variants(array, matrix).items():
+        if name != "as_read":
+            nodes[name] = _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name), a, m)
+    return nodes
+
+
+# ----------------------------------------------------------------------------------------- volume node -> Volume
+
+
+def test_volume_node_equals_file_loader(ct_nodes, sample_ct):
+    from_node = mm.volume_from_node(ct_nodes["as_read"])
+    from_file = load_volume(sample_ct.ct_path)
+    assert from_node.shape == from_file.shape == (112, 101, 122)
+    np.testing.assert_array_equal(from_node.array, from_file.array)
+    np.testing.assert_allclose(from_node.ijk_to_ras, from_file.ijk_to_ras, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["flip_i", "lps", "flip_k", "swap_ij"])
+def test_flipped_and_permuted_nodes_give_the_same_canonical_volume(ct_nodes, variant):
+    reference = mm.volume_from_node(ct_nodes["as_read"])
+    other = mm.volume_from_node(ct_nodes[variant])
+    assert not np.array_equal(mm.array_from_volume_node(ct_nodes[variant]).shape, ()) and other.shape == reference.shape
+    np.testing.assert_array_equal(other.array, reference.array)
+    np.testing.assert_allclose(other.ijk_to_ras, reference.ijk_to_ras, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- anchor <-> ROI nodes
+
+ANCHORS = [
+    EvidenceAnchor(57, (VoxelBox.from_voxels(30, 40, 49, 61), VoxelBox.from_voxels(70, 41, 88, 60))),
+    EvidenceAnchor(3, (VoxelBox(10.25, 7.5, 33.75, 20.125),)),  # sub-voxel edges as a VLM gives them
+    EvidenceAnchor(111, (VoxelBox.from_voxels(0, 0, 121, 100),)),  # whole last slice
+]
+
+
+@pytest.mark.parametrize("variant", ["as_read", "lps", "swap_ij"])
+@pytest.mark.parametrize("anchor", ANCHORS, ids=["two_boxes", "subvoxel", "full_slice"])
+def test_anchor_roi_anchor_round_trip(scene, ct_nodes, variant, anchor):
+    node = ct_nodes[variant]
+    volume = mm.volume_from_node(node)
+    rois = mm.place_evidence_rois(scene, node, volume, anchor, mm.evidence_rois(scene, node))
+    assert [r.GetName() for r in rois] == [f"Evidence {n}" for n in range(1, len(anchor.boxes) + 1)]
+    assert mm.evidence_rois(scene, node) == rois
+    back = mm.anchor_from_rois(volume, rois)
+    assert back.slice_index == anchor.slice_index
+    for got, want in zip(back.boxes, anchor.boxes):
+        np.testing.assert_allclose(got.as_list(), want.as_list(), atol=1e-6)
+        assert got.voxel_range(volume.shape[1:]) == want.voxel_range(volume.shape[1:])
+    # One slice thick, and the ROI holds exactly the box's voxel centres on slice k (none of slice k +- 1).
+    center, size = mm.roi_center_size(rois[0])
+    assert size[2] == pytest.approx(volume.spacing[2])
+    lo, hi = center - size / 2, center + size / 2
+    if not all(float(v).is_integer() for v in anchor.boxes[0].as_list()):
+        return  # partial voxels: the voxel-centre check below is for whole-voxel boxes
+    i_min, j_min, i_max, j_max = anchor.boxes[0].voxel_range(volume.shape[1:])
+    k = anchor.slice_index
+    inside = volume.ras_from_ijk([[i_min, j_min, k], [i_max, j_max, k]])
+    assert np.all((inside > lo) & (inside < hi))
+    outside = volume.ras_from_ijk([[i_min, j_min, k + 1], [i_min, j_min, k - 1], [i_max + 1, j_max, k]])
+    assert not np.any(np.all((outside > lo) & (outside < hi), axis=1))
+
+
+def test_rois_are_identical_in_ras_for_every_storage_order(scene, ct_nodes):
+    """The same anatomy stored flipped gives the same ROIs in the patient's space."""
+    anchor = ANCHORS[0]
+    geometries = {}
+    for variant in ("as_read", "flip_i", "lps", "flip_k", "swap_ij"):
+        volume = mm.volume_from_node(ct_nodes[variant])
+        geometries[variant] = [mm.roi_geometry(volume, anchor.slice_index, b) for b in anchor.boxes]
+    for variant, geometry in geometries.items():
+        for got, want in zip(geometry, geometries["as_read"]):
+            np.testing.assert_allclose(got.center, want.center, atol=1e-6, err_msg=variant)
+            np.testing.assert_allclose(got.size, want.size, atol=1e-6, err_msg=variant)
+
+
+def test_edited_rois_move_to_the_key_roi_slice_and_are_clipped(scene, ct_nodes):
+    node = ct_nodes["as_read"]
+    volume = mm.volume_from_node(node)
+    rois = mm.place_evidence_rois(scene, node, volume, ANCHORS[0], mm.evidence_rois(scene, node))
+    center, _ = mm.roi_center_size(rois[1])
+    rois[1].SetCenter(center[0], center[1], center[2] + 2 * volume.spacing[2])  # the user drags box 2 up 2 slices
+    anchor = mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+    assert anchor.slice_index == ANCHORS[0].slice_index + 2
+    assert anchor.boxes[0].voxel_range(volume.shape[1:]) == ANCHORS[0].boxes[0].voxel_range(volume.shape[1:])
+    box_center = volume.ras_from_ijk([0.0, 50.0, ANCHORS[0].slice_index])  # box 1 dragged half off the left edge
+    rois[0].SetCenter(*box_center)
+    clipped = mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+    assert clipped.boxes[0].i0 == 0.0 and clipped.boxes[0].i1 == pytest.approx(10.5)  # 20 voxels centred on voxel 0 (edge 0.5)
+    rois[0].SetCenter(*volume.ras_from_ijk([-500.0, -500.0, ANCHORS[0].slice_index]))  # dragged off the scan
+    with pytest.raises(AnchorError, match="outside"):
+        mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+    rois[1].SetCenter(*volume.ras_from_ijk([60.0, 50.0, -40.0]))
+    with pytest.raises(AnchorError, match="out of range"):
+        mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+    with pytest.raises(AnchorError, match="no evidence boxes"):
+        mm.anchor_from_rois(volume, [])
+
+
+# ------------------------------------------------------------------------------------------- mask <-> segment
+
+
+@pytest.mark.parametrize("variant", ["as_read", "lps", "flip_k", "swap_ij"])
+def test_mask_segment_array_identity(scene, ct_nodes, sample_labels, variant):
+    node = ct_nodes[variant]
+    volume = mm.volume_from_node(node)
+    mask = (sample_labels == 3).astype(np.uint8)  # kidney_left, canonical order
+    mask[0, 0, 0] = 1  # a corner voxel catches any off-by-one or flipped axis
+    before = scene.GetNumberOfNodes()
+    seg, segment_id = mm.write_mask_segment(scene, node, volume, mask, "kidney_left")
+    assert scene.GetNumberOfNodes() == before + 2  # segmentation + its display node
+    assert seg.GetSegmentation().GetSegment(segment_id).GetName() == "kidney_left"
+    exported = mm.segment_array(scene, seg, segment_id, node)
+    assert scene.GetNumberOfNodes() == before + 2  # the temporary export node is gone
+    np.testing.assert_array_equal(exported, volume.to_source_array(mask))
+    # Writing the same target again replaces the segment instead of adding one.
+    mm.write_mask_segment(scene, node, volume, np.zeros_like(mask), "kidney_left", seg)
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1
+    assert mm.segment_array(scene, seg, segment_id, node).sum() == 0
+    mm.remove_nodes(scene, [seg.GetDisplayNode(), seg])
+
+
+def test_segment_matches_the_label_file_read_by_slicer(scene, ct_nodes, sample_ct, sample_labels):
+    """Independent check of placement: our segment equals the label file's voxels as Slicer reads them."""
+    node = ct_nodes["as_read"]
+    volume = mm.volume_from_node(node)
+    labels_node = _read_with_slicer(scene, sample_ct.labels_path, "labels", "vtkMRMLLabelMapVolumeNode")
+    raw = mm.array_from_volume_node(labels_node)
+    seg, segment_id = mm.write_mask_segment(scene, node, volume, (sample_labels == 2).astype(np.uint8), "kidney_right")
+    np.testing.assert_array_equal(mm.segment_array(scene, seg, segment_id, node), (raw == 2).astype(np.uint8))
+    mm.remove_nodes(scene, [seg.GetDisplayNode(), seg, labels_node.GetStorageNode(), labels_node])
+
+
+# ---------------------------------------------------------------------------------------------- bad volumes
+
+
+def test_bad_volume_nodes_raise_clear_errors(scene):
+    with pytest.raises(VolumeError, match="No input volume"):
+        mm.volume_from_node(None)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(VolumeError, match="no image data"):
+        mm.volume_from_node(empty)
+    flat = _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "xray"), np.zeros((1, 20, 30), np.int16), np.eye(4))
+    with pytest.raises(VolumeError, match="2D image"):
+        mm.volume_from_node(flat)
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "4d")
+    image = vtk.vtkImageData()
+    image.SetDimensions(8, 8, 8)
+    image.AllocateScalars(vtk.VTK_FLOAT, 5)  # 5 frames per voxel, as a multivolume stores them
+    vector.SetAndObserveImageData(image)
+    with pytest.raises(VolumeError, match="5 values per voxel"):
+        mm.volume_from_node(vector)
+    label = _set_node_array(scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "lab"), np.zeros((4, 4, 4), np.int16), np.eye(4))
+    with pytest.raises(VolumeError, match="scalar"):
+        mm.volume_from_node(label)
+    moved = _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moved"), np.zeros((4, 4, 4), np.int16), np.eye(4))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(VolumeError, match="harden"):
+        mm.volume_from_node(moved)
+    mm.remove_nodes(scene, [empty, flat, vector, label, moved, transform])
+
+
+def test_settings_checks_name_the_problem(tmp_path):
+    with pytest.raises(DeviceError, match="CUDA"):
+        check_settings(PanelSettings(device="cuda"), cuda_available=False)
+    with pytest.raises(CheckpointError, match="MedSAM2_latest.pt"):
+        check_settings(PanelSettings(propagator="medsam2"), cuda_available=False)
+    with pytest.raises(CheckpointError, match="not found"):
+        check_settings(PanelSettings(propagator="medsam2", sam_checkpoint=str(tmp_path / "missing.pt")), cuda_available=False)
+    with pytest.raises(CheckpointError, match="adapter"):
+        check_settings(PanelSettings(adapter=str(tmp_path / "nope")), cuda_available=False)
+    with pytest.raises(CheckpointError, match="VLM folder"):
+        check_settings(PanelSettings(model=str(tmp_path / "nope")), cuda_available=False)
+    check_settings(PanelSettings(model="Qwen/Qwen2.5-VL-3B-Instruct"), cuda_available=False)  # a hub id is not a path
+
+
+# ------------------------------------------------------------------------------------ user edits -> re-propagation
+
+
+def test_one_drag_gives_one_request_and_code_updates_none(scene, ct_nodes):
+    node = ct_nodes["as_read"]
+    volume = mm.volume_from_node(node)
+    rois = mm.place_evidence_rois(scene, node, volume, ANCHORS[0], mm.evidence_rois(scene, node))
+    timer, edits = ManualTimer(), []
+    watcher = RoiEditWatcher(edits.append, timer)
+    watcher.watch(rois)
+    # Code moves the boxes (as Find evidence / re-propagation do): ModifiedEvent only, nothing scheduled.
+    mm.place_evidence_rois(scene, node, volume, ANCHORS[1], mm.evidence_rois(scene, node)[:1] + rois[1:])
+    rois[0].SetCenter(1.0, 2.0, 3.0)
+    timer.fire()
+    assert timer.starts == 0 and edits == []
+    # A user drag ends twice in a burst (move, then resize): one request, for the last ROI touched.
+    rois[0].InvokeEvent(rois[0].PointEndInteractionEvent)
+    rois[1].InvokeEvent(rois[1].PointEndInteractionEvent)
+    assert edits == []  # debounced: nothing before the timer fires
+    timer.fire()
+    timer.fire()
+    assert edits == [rois[1]]
+    watcher.clear()
+    rois[0].InvokeEvent(rois[0].PointEndInteractionEvent)
+    timer.fire()
+    assert edits == [rois[1]]
+
+
+# --------------------------------------------------------------------------- session: real pipeline, real models
+
+
+def _small_ct_node(scene, sample_volume, k0=44, k1=60):
+    """A 16-slice crop of the real CT (canonical order) as a volume node: keeps model tests fast."""
+    matrix = sample_volume.ijk_to_ras.copy()
+    matrix[:3, 3] = sample_volume.ras_from_ijk([0, 0, k0])
+    return _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct crop"), sample_volume.array[k0:k1].astype(np.int16), matrix)
+
+
+@pytest.fixture(scope="module")
+def micro_sam2(tmp_path_factory):
+    pytest.importorskip("sam2")
+    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
+
+    path = tmp_path_factory.mktemp("sam2") / "micro.pt"
+    return path, tuple(build_micro_sam2_checkpoint(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("qwen") / "tiny")
+
+
+def _factory(tiny_qwen=None, micro_sam2=None):
+    from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
+
+    def build(settings):
+        return Pipeline(
+            PipelineConfig(
+                model=str(tiny_qwen) if tiny_qwen else None,
+                propagator="medsam2",
+                sam_checkpoint=str(micro_sam2[0]) if micro_sam2 else None,
+                sam_overrides=micro_sam2[1] if micro_sam2 else (),
+                device="cpu",
+                num_views=4,
+                image_size=112,
+            )
+        )
+
+    return build
+
+
+def test_inputs_are_checked_before_anything_runs(scene, sample_volume):
+    node = _small_ct_node(scene, sample_volume)
+    session = EvidenceSession(scene, _factory())
+    before = mm.node_ids(scene)
+    with pytest.raises(VolumeError, match="No input volume"):
+        session.start_find_evidence(None, "segment the liver", PanelSettings())
+    with pytest.raises(QueryError, match="query"):
+        session.start_find_evidence(node, "   ", PanelSettings())
+    with pytest.raises(QueryError):
+        session.start_segment(node, "", PanelSettings())  # no ROIs yet, so the query is needed
+    if not _cuda():  # on this machine's CPU-only setup the real check must refuse CUDA
+        with pytest.raises(DeviceError, match="CUDA"):
+            session.start_find_evidence(node, "segment the liver", PanelSettings(device="cuda"))
+    assert not session.busy and mm.node_ids(scene) == before
+    mm.remove_nodes(scene, [node])
+
+
+def _cuda():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def test_model_garbage_is_shown_raw_and_leaves_the_scene_unchanged(scene, sample_volume, tiny_qwen, micro_sam2):
+    node = _small_ct_node(scene, sample_volume)
+    session = EvidenceSession(scene, _factory(tiny_qwen, micro_sam2))
+    before = mm.node_ids(scene)
+    session.start_find_evidence(node, "segment the left kidney", PanelSettings())
+    with pytest.raises(BusyError):
+        session.start_find_evidence(node, "segment the left kidney", PanelSettings())
+    outcome = session.wait(timeout=300)
+    # A random-weight tiny Qwen cannot produce a valid anchor: the grounder must refuse, not guess.
+    assert outcome.status == "failed", outcome.message
+    assert type(outcome.error).__name__ == "GroundingError"
+    assert outcome.raw_text == outcome.error.raw_text and outcome.raw_text.strip()
+    assert mm.node_ids(scene) == before and mm.evidence_rois(scene, node) == []
+    mm.remove_nodes(scene, [node])
+
+
+def test_cancel_leaves_the_scene_as_before(scene, sample_volume, tiny_qwen, micro_sam2):
+    node = _small_ct_node(scene, sample_volume)
+    session = EvidenceSession(scene, _factory(tiny_qwen, micro_sam2))
+    volume = mm.volume_from_node(node)
+    mm.place_evidence_rois(scene, node, volume, EvidenceAnchor(8, (VoxelBox.from_voxels(70, 41, 88, 60),)))
+    before = mm.node_ids(scene)
+    job = session.start_segment(node, "left kidney", PanelSettings())
+    job.cancel()
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "cancelled"
+    assert mm.node_ids(scene) == before and session.segmentation_node is None and not session.busy
+    mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [node])
+
+
+def test_segment_from_rois_then_a_drag_repropagates_once(scene, sample_volume, micro_sam2):
+    """Manual evidence -> Segment -> user drags the ROI -> exactly one re-propagation, reusing features."""
+    node = _small_ct_node(scene, sample_volume)
+    session = EvidenceSession(scene, _factory(None, micro_sam2))
+    volume = mm.volume_from_node(node)
+    anchor = EvidenceAnchor(8, (VoxelBox.from_voxels(70, 41, 88, 60),))
+    rois = mm.place_evidence_rois(scene, node, volume, anchor)
+    timer = ManualTimer()
+    watcher = RoiEditWatcher(session.on_roi_edited, timer)
+    watcher.watch(rois)
+
+    session.start_segment(node, "segment the left kidney", PanelSettings())
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "ok", outcome.message
+    assert timer.starts == 0  # placing the ROIs from the result did not look like a user edit
+    segment = session.segmentation_node.GetSegmentation().GetSegment(outcome.segment_id)
+    assert segment.GetName() == "left kidney"
+    np.testing.assert_array_equal(
+        mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(session.result.mask)
+    )
+    propagator = session._pipeline(session.settings).propagator
+    encoded = propagator.encoded_frames
+
+    center, _ = mm.roi_center_size(rois[0])
+    rois[0].SetCenter(center[0], center[1], center[2] + volume.spacing[2])  # drag one slice up
+    rois[0].InvokeEvent(rois[0].PointEndInteractionEvent)
+    timer.fire()
+    assert session.reprop_requests == 1 and session.busy
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "ok", outcome.message
+    assert session.result.anchor.slice_index == 9 and outcome.anchor.slice_index == 9
+    assert session.segmentation_node.GetSegmentation().GetNumberOfSegments() == 1
+    assert propagator.encoded_frames == encoded  # cached features reused, no re-encoding
+    assert timer.starts == 1 and session.reprop_requests == 1  # re-placing ROIs did not trigger another run
+    np.testing.assert_array_equal(
+        mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(session.result.mask)
+    )
+    watcher.clear()
+    mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
