@@ -29,3 +29,19 @@ def sample_labels(sample_ct, sample_volume):
     from MedVolR1Lib.volume import load_label_map
 
     return load_label_map(sample_ct.labels_path, sample_volume)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """The offline tiny Qwen2.5-VL checkpoint folder (random weights), built once per session."""
+    from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny_qwen") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(tiny_qwen_dir, tmp_path_factory):
+    """A PEFT LoRA adapter for the tiny Qwen (non-zero B, so it changes outputs)."""
+    from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_lora_adapter
+
+    return build_tiny_lora_adapter(tiny_qwen_dir, tmp_path_factory.mktemp("tiny_lora") / "adapter")
