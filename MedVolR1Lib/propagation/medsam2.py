@@ -1,0 +1,583 @@
+"""MedSAM2 propagator: the `sam2` package's video predictor with a MedSAM2 checkpoint, slices as video frames.
+
+Why this shape:
+- MedSAM2's `sam2.1_hiera_t512.yaml` is the package's `configs/sam2.1/sam2.1_hiera_t.yaml` with `image_size: 512`
+  and memory-attention `feat_sizes: [32, 32]`, so we build the package's model with those hydra overrides and load
+  `MedSAM2_latest.pt` strictly into it (DESIGN.md section 4).
+- The stock `init_state` reads a JPEG folder and keeps backbone features of only the last visited frame; a CT is
+  already in memory and a user edits boxes repeatedly, so `InMemorySAM2VideoPredictor` takes the slices as a
+  tensor and keeps the backbone features of every slice: re-propagation never reruns the image encoder.
+- Forward then reverse from the key slice, each from a fresh prompt (as MedSAM2's own 3D CT inference does), one
+  object id per box, OR of both passes, no largest-component step (it would delete the second kidney); a tracked
+  object stops once the object score says it is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sam2.build_sam import build_sam2_video_predictor
+from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+from ..anchor import EvidenceAnchor
+from ..errors import AnchorError, CheckpointError, DeviceError
+from ..progress import ProgressCallback, report
+from ..volume import Volume
+from ..windowing import Window, window_volume
+from .base import Propagator
+
+MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2"
+MEDSAM2_FILENAME = "MedSAM2_latest.pt"
+SAM2_TINY_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+# The three differences between MedSAM2's sam2.1_hiera_t512.yaml and the package's sam2.1_hiera_t.yaml.
+MEDSAM2_T512_OVERRIDES: tuple[str, ...] = (
+    "++model.image_size=512",
+    "++model.memory_attention.layer.self_attention.feat_sizes=[32,32]",
+    "++model.memory_attention.layer.cross_attention.feat_sizes=[32,32]",
+)
+_PREDICTOR_TARGET = "++model._target_=MedVolR1Lib.propagation.medsam2.InMemorySAM2VideoPredictor"
+_IMG_MEAN = (0.485, 0.456, 0.406)
+_IMG_STD = (0.229, 0.224, 0.225)
+
+
+def resize_slices_uint8(gray_kji: np.ndarray, size: int) -> np.ndarray:
+    """(K, J, I) uint8 slices -> (K, size, size) uint8, bicubic like MedSAM2's PIL preprocessing (aspect not kept)."""
+    from PIL import Image
+
+    out = np.empty((gray_kji.shape[0], size, size), dtype=np.uint8)
+    for k, plane in enumerate(gray_kji):
+        out[k] = np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((size, size), Image.BICUBIC))
+    return out
+
+
+class InMemoryFrames:
+    """Slices kept as uint8 (K, S, S); indexing gives the normalised 3-channel float frame the encoder expects.
+
+    Stands in for the stock predictor's `inference_state["images"]` (it supports len() and [k]) at 1/12 the memory.
+    """
+
+    def __init__(self, gray: torch.Tensor):
+        if gray.dtype != torch.uint8 or gray.dim() != 3 or gray.shape[1] != gray.shape[2]:
+            raise ValueError(f"expected uint8 (K, S, S) slices, got {tuple(gray.shape)} {gray.dtype}")
+        self.gray = gray
+
+    def __len__(self) -> int:
+        return int(self.gray.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.gray.shape[-1])
+
+    def batch(self, start: int, stop: int, device: Union[str, torch.device]) -> torch.Tensor:
+        """Frames start..stop-1 as (B, 3, S, S) float32 on `device`, /255 then ImageNet mean/std."""
+        return self._normalise(self.gray[start:stop], device)
+
+    def take(self, indices: Sequence[int], device: Union[str, torch.device]) -> torch.Tensor:
+        """Frames at `indices` as (B, 3, S, S) float32 on `device`."""
+        return self._normalise(self.gray[torch.as_tensor(list(indices), dtype=torch.long)], device)
+
+    @staticmethod
+    def _normalise(gray: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+        x = gray.to(device, non_blocking=True).float().div_(255.0)
+        mean = torch.tensor(_IMG_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(_IMG_STD, device=x.device).view(1, 3, 1, 1)
+        return (x.unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std
+
+    def __getitem__(self, idx: int) -> torch.Tensor:
+        idx = int(idx)
+        return self.batch(idx, idx + 1, self.gray.device)[0]
+
+
+class InMemorySAM2VideoPredictor(SAM2VideoPredictor):
+    """SAM2VideoPredictor fed from memory that keeps every frame's backbone features for the state's lifetime.
+
+    Same parameters (and state dict) as the package's predictor; only how frames arrive and how long their
+    features live differ. Instantiated by hydra through `_target_`.
+    """
+
+    @torch.inference_mode()
+    def init_state_in_memory(
+        self,
+        frames: InMemoryFrames,
+        video_height: int,
+        video_width: int,
+        *,
+        offload_video_to_cpu: bool = False,
+        offload_state_to_cpu: bool = False,
+    ) -> dict:
+        """The stock `init_state` without the JPEG loader and without the frame-0 warm-up (we encode all frames)."""
+        if frames.image_size != self.image_size:
+            raise ValueError(f"frames are {frames.image_size} px, the model expects {self.image_size} px")
+        compute_device = self.device
+        if not offload_video_to_cpu:
+            frames = InMemoryFrames(frames.gray.to(compute_device))
+        state: dict = {
+            "images": frames,
+            "num_frames": len(frames),
+            "offload_video_to_cpu": offload_video_to_cpu,
+            "offload_state_to_cpu": offload_state_to_cpu,
+            "video_height": int(video_height),
+            "video_width": int(video_width),
+            "device": compute_device,
+            "storage_device": torch.device("cpu") if offload_state_to_cpu else compute_device,
+            "point_inputs_per_obj": {},
+            "mask_inputs_per_obj": {},
+            "cached_features": {},
+            "constants": {},
+            "obj_id_to_idx": OrderedDict(),
+            "obj_idx_to_id": OrderedDict(),
+            "obj_ids": [],
+            "output_dict_per_obj": {},
+            "temp_output_dict_per_obj": {},
+            "frames_tracked_per_obj": {},
+            # ours: frame -> backbone_out, kept for every frame (the stock cache holds one frame)
+            "frame_features": {},
+        }
+        return state
+
+    @torch.inference_mode()
+    def encode_frames(
+        self,
+        state: dict,
+        frame_indices: Sequence[int],
+        *,
+        batch_size: int = 8,
+        feature_device: Optional[Union[str, torch.device]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> None:
+        """Run the image encoder once per frame (batched) and keep its outputs in state["frame_features"]."""
+        store = state["frame_features"]
+        todo = [int(f) for f in frame_indices if int(f) not in store]
+        frames: InMemoryFrames = state["images"]
+        feature_device = torch.device(feature_device) if feature_device is not None else self.device
+        shared_pos: Optional[list[torch.Tensor]] = None
+        for n in range(0, len(todo), max(1, batch_size)):
+            chunk = todo[n : n + batch_size]
+            images = frames.take(chunk, self.device)
+            backbone_out = self.forward_image(images)
+            if shared_pos is None:
+                # the position encoding depends only on the feature-map shape: one copy serves every frame
+                shared_pos = [p[0:1].to(feature_device).clone() for p in backbone_out["vision_pos_enc"]]
+            for b, f in enumerate(chunk):
+                store[f] = {
+                    "backbone_fpn": [x[b : b + 1].to(feature_device).clone() for x in backbone_out["backbone_fpn"]],
+                    "vision_pos_enc": shared_pos,
+                }
+            report(progress, (n + len(chunk)) / len(todo), f"MedSAM2: encoded {n + len(chunk)}/{len(todo)} slices")
+
+    def move_features(self, state: dict, device: Union[str, torch.device]) -> None:
+        """Move every kept frame feature to `device` (used to offload to CPU after a CUDA out-of-memory)."""
+        device = torch.device(device)
+        pos_cache: dict[int, torch.Tensor] = {}
+        for feats in state["frame_features"].values():
+            feats["backbone_fpn"] = [x.to(device) for x in feats["backbone_fpn"]]
+            moved = []
+            for p in feats["vision_pos_enc"]:
+                if id(p) not in pos_cache:
+                    pos_cache[id(p)] = p.to(device)
+                moved.append(pos_cache[id(p)])
+            feats["vision_pos_enc"] = moved
+
+    def _get_image_feature(self, inference_state, frame_idx, batch_size):
+        """As the stock method, but served from the per-frame store (moved to the compute device if offloaded)."""
+        store = inference_state.get("frame_features")
+        if not store or frame_idx not in store:
+            return super()._get_image_feature(inference_state, frame_idx, batch_size)
+        device = inference_state["device"]
+        feats = store[frame_idx]
+        image = inference_state["images"].batch(frame_idx, frame_idx + 1, device)
+        expanded_backbone_out = {
+            "backbone_fpn": [x.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for x in feats["backbone_fpn"]],
+            "vision_pos_enc": [
+                p.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for p in feats["vision_pos_enc"]
+            ],
+        }
+        features = self._prepare_backbone_features(expanded_backbone_out)
+        return (image.expand(batch_size, -1, -1, -1),) + features
+
+
+@dataclass
+class PropagationTrace:
+    """What the last `propagate` did, for tests, debugging and provenance (not needed for the mask itself)."""
+
+    key_slice: int
+    slice_range: tuple[int, int]
+    object_ids: tuple[int, ...]
+    # direction ("forward" | "reverse") -> frames visited in order (a frame counts if any object ran on it)
+    visited: dict[str, list[int]] = field(default_factory=dict)
+    # (direction, obj_id) -> {frame: object score logit}; > 0 means the model sees the object there
+    object_scores: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
+    # (direction, obj_id) -> frame where tracking of that object stopped because it vanished (absent: ran to the end)
+    stopped_at: dict[tuple[str, int], int] = field(default_factory=dict)
+    # obj_id -> box prompt as the predictor stored it, in model pixels (x0, y0, x1, y1) of the image_size square
+    model_boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    # obj_id -> (J, I) float32 mask logits on the key slice, at the volume's slice size
+    key_logits: dict[int, np.ndarray] = field(default_factory=dict)
+    # (direction, obj_id, frame) -> (J, I) float32 logits; only filled with keep_logits=True
+    logits: dict[tuple[str, int, int], np.ndarray] = field(default_factory=dict)
+
+
+class _StopRule:
+    """An object ends after `patience` consecutive non-key frames where it is absent (object score <= 0 or empty)."""
+
+    def __init__(self, patience: int, enabled: bool = True):
+        self.patience = max(1, int(patience))
+        self.enabled = enabled
+        self.misses = 0
+
+    def update(self, present: bool, is_key: bool) -> bool:
+        """Feed one frame; return False once tracking of this object should stop."""
+        if present or is_key:
+            self.misses = 0
+            return True
+        self.misses += 1
+        return not (self.enabled and self.misses >= self.patience)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _summarise_keys(keys: Sequence[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; 'cuda' without CUDA -> DeviceError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {device!r} was asked for MedSAM2 but CUDA is not available here; "
+                "use device='cpu' (slow: about 0.8 s per slice) or the LiteMedSAM propagator"
+            )
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise DeviceError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'")
+
+
+class MedSAM2Propagator(Propagator):
+    """Evidence anchor -> 3D mask with MedSAM2 (SAM2.1 hiera-tiny video predictor at 512 px)."""
+
+    name = "medsam2"
+
+    def __init__(
+        self,
+        checkpoint: Union[str, os.PathLike],
+        *,
+        config: str = SAM2_TINY_CONFIG,
+        base_overrides: Sequence[str] = MEDSAM2_T512_OVERRIDES,
+        hydra_overrides: Sequence[str] = (),
+        device: str = "auto",
+        dtype: str = "auto",
+        window: Union[None, str, Window, tuple] = None,
+        stop_when_absent: bool = True,
+        absent_patience: int = 2,
+        encode_batch: int = 8,
+        offload: bool = False,
+        keep_logits: bool = False,
+    ):
+        """checkpoint: MedSAM2_latest.pt (a {"model": state_dict} file); hydra_overrides are added after the
+        MedSAM2 ones (the micro test model uses them); dtype 'auto' = bf16 autocast on CUDA, float32 on CPU."""
+        self.checkpoint = Path(checkpoint).expanduser()
+        if not self.checkpoint.is_file():
+            raise CheckpointError(
+                f"MedSAM2 checkpoint not found: {self.checkpoint}. Download {MEDSAM2_FILENAME} from {MEDSAM2_URL} "
+                "(Files tab) and pass its path (checkpoint=... in Python, --sam-checkpoint on the CLI, "
+                "'MedSAM2 checkpoint' in Slicer), "
+                "or use the LiteMedSAM propagator, which needs no download"
+            )
+        self.device = resolve_device(device)
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        if dtype not in ("bfloat16", "float32"):
+            raise DeviceError(f"unknown dtype {dtype!r}; use 'auto', 'bfloat16' or 'float32'")
+        self.dtype = dtype
+        self.config = config
+        self.overrides = [*base_overrides, *hydra_overrides]
+        self.window = window
+        self.stop_when_absent = bool(stop_when_absent)
+        self.absent_patience = int(absent_patience)
+        self.encode_batch = int(encode_batch)
+        self.offload = bool(offload)
+        self.keep_logits = bool(keep_logits)
+        self.encoded_frames = 0  # frames the image encoder has run on, counted by a forward hook
+        self.last_trace: Optional[PropagationTrace] = None
+        self._sha256: Optional[str] = None
+        self._volume: Optional[Volume] = None
+        self._cache_key: Optional[tuple] = None
+        self._state: Optional[dict] = None
+        self.model = self._build_and_load()
+        self.model.image_encoder.register_forward_hook(self._count_encoder)
+
+    # ---- model ---------------------------------------------------------------------------------------------------
+    def _count_encoder(self, module, inputs, output) -> None:
+        self.encoded_frames += int(inputs[0].shape[0])
+
+    def _build_and_load(self) -> InMemorySAM2VideoPredictor:
+        try:
+            payload = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip, EOF and weights_only errors all mean "not a usable checkpoint"
+            raise CheckpointError(
+                f"{self.checkpoint}: cannot read it as a PyTorch checkpoint ({type(exc).__name__}: {str(exc)[:200]}); "
+                f"download {MEDSAM2_FILENAME} again from {MEDSAM2_URL}"
+            ) from exc
+        if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+            raise CheckpointError(
+                f"{self.checkpoint}: expected a dict with the state dict under 'model' (as {MEDSAM2_FILENAME}), "
+                f"got {type(payload).__name__}{' with keys ' + str(sorted(payload)[:5]) if isinstance(payload, dict) else ''}"
+            )
+        state_dict = payload["model"]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*cannot import name '_C'.*")
+            model = build_sam2_video_predictor(
+                self.config,
+                ckpt_path=None,
+                device="cpu",
+                hydra_overrides_extra=[_PREDICTOR_TARGET, *self.overrides],
+            )
+        expected = set(model.state_dict())
+        missing, unexpected = expected - set(state_dict), set(state_dict) - expected
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.checkpoint}: does not match the SAM2 model built from {self.config} with overrides "
+                f"{self.overrides}: missing keys {_summarise_keys(missing)}, unexpected keys "
+                f"{_summarise_keys(unexpected)}. Is it {MEDSAM2_FILENAME} from {MEDSAM2_URL}?"
+            )
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:  # same keys, different shapes: another model size / image size
+            raise CheckpointError(
+                f"{self.checkpoint}: tensor shapes do not match the model built from {self.config} with overrides "
+                f"{self.overrides} ({str(exc).splitlines()[-1][:300]})"
+            ) from exc
+        return model.to(self.device).eval()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.image_size)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype == "bfloat16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device.type == "cpu" and self.dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def describe(self) -> dict:
+        if self._sha256 is None:
+            self._sha256 = _file_sha256(self.checkpoint)
+        return {
+            "name": self.name,
+            "checkpoint": str(self.checkpoint),
+            "sha256": self._sha256,
+            "config": self.config,
+            "hydra_overrides": list(self.overrides),
+            "image_size": self.image_size,
+            "device": str(self.device),
+            "dtype": self.dtype,
+            "stop_when_absent": self.stop_when_absent,
+            "absent_patience": self.absent_patience,
+        }
+
+    # ---- prepare -------------------------------------------------------------------------------------------------
+    def prepare(self, volume: Volume, progress: Optional[ProgressCallback] = None) -> None:
+        key = (volume.fingerprint, repr(self.window))
+        if self._cache_key == key and self._state is not None:
+            self._volume = volume
+            report(progress, 1.0, "MedSAM2: image features cached")
+            return
+        self._state, self._cache_key, self._volume = None, None, None
+        gray = window_volume(volume, self.window, np.uint8)  # (K, J, I) in [0, 255]
+        frames = InMemoryFrames(torch.from_numpy(resize_slices_uint8(gray, self.image_size)))
+        _, rows, cols = volume.shape
+        try:
+            state = self._encode(frames, rows, cols, offload=self.offload, progress=progress)
+        except torch.OutOfMemoryError:
+            if self.offload:
+                raise self._oom_error("encoding the slices even with offloading to CPU") from None
+            self._free_cuda()
+            warnings.warn(
+                "MedSAM2: CUDA ran out of memory while encoding the slices; retrying with frames, features and "
+                "tracking state kept in CPU memory (slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.offload = True
+            try:
+                state = self._encode(frames, rows, cols, offload=True, progress=progress)
+            except torch.OutOfMemoryError:
+                raise self._oom_error("encoding the slices even with offloading to CPU") from None
+        self._state, self._cache_key, self._volume = state, key, volume
+
+    def _encode(self, frames: InMemoryFrames, rows: int, cols: int, *, offload: bool, progress) -> dict:
+        state = self.model.init_state_in_memory(
+            frames, rows, cols, offload_video_to_cpu=offload, offload_state_to_cpu=offload
+        )
+        with torch.inference_mode(), self._autocast():
+            self.model.encode_frames(
+                state,
+                range(len(frames)),
+                batch_size=self.encode_batch,
+                feature_device="cpu" if offload else self.device,
+                progress=progress,
+            )
+        return state
+
+    def _free_cuda(self) -> None:
+        self._state = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _oom_error(self, during: str) -> DeviceError:
+        return DeviceError(
+            f"MedSAM2 ran out of GPU memory {during}; free the GPU (other models), crop the volume to the region "
+            "of interest, use device='cpu', or use the LiteMedSAM propagator"
+        )
+
+    def _enable_offload(self) -> None:
+        """After an OOM during tracking: move the kept features and future tracking state to CPU memory."""
+        assert self._state is not None
+        self.model.move_features(self._state, "cpu")
+        self.model.reset_state(self._state)
+        self._state["storage_device"] = torch.device("cpu")
+        self._state["offload_state_to_cpu"] = True
+        self._state["constants"].clear()
+        self.offload = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- propagate -----------------------------------------------------------------------------------------------
+    def propagate(
+        self,
+        anchor: EvidenceAnchor,
+        *,
+        merge: bool = True,
+        slice_range: Optional[tuple[int, int]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> np.ndarray:
+        if self._state is None or self._volume is None:
+            raise RuntimeError("MedSAM2Propagator.propagate called before prepare(volume)")
+        shape = self._volume.shape
+        anchor = anchor.validate(shape).clipped(shape)
+        key = int(anchor.slice_index)
+        lo, hi = (0, shape[0] - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
+        lo, hi = max(lo, 0), min(hi, shape[0] - 1)
+        if not lo <= key <= hi:
+            raise AnchorError(f"key slice {key} lies outside the slice range [{lo}, {hi}]")
+        try:
+            return self._propagate(anchor, key, lo, hi, merge, progress)
+        except torch.OutOfMemoryError:
+            if self.offload:
+                raise self._oom_error("while tracking even with offloading to CPU") from None
+            warnings.warn(
+                "MedSAM2: CUDA ran out of memory while tracking; moving features and state to CPU memory and retrying",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._enable_offload()
+            try:
+                return self._propagate(anchor, key, lo, hi, merge, progress)
+            except torch.OutOfMemoryError:
+                raise self._oom_error("while tracking even with offloading to CPU") from None
+
+    def _propagate(self, anchor, key, lo, hi, merge, progress) -> np.ndarray:
+        shape = self._volume.shape
+        obj_ids = tuple(range(1, len(anchor.boxes) + 1))
+        trace = PropagationTrace(key_slice=key, slice_range=(lo, hi), object_ids=obj_ids)
+        per_object: dict[int, dict[int, np.ndarray]] = {o: {} for o in obj_ids}  # obj -> frame -> bool (J, I)
+        total = (hi - key + 1) + (key - lo)
+        done = [0]
+        directions = [("forward", hi)] + ([("reverse", lo)] if key > lo else [])
+        with torch.inference_mode(), self._autocast():
+            for direction, last in directions:
+                self._track(anchor, key, last, direction, trace, per_object, progress, done, total)
+        self.last_trace = trace
+        out = np.zeros(shape, dtype=np.uint8)
+        for obj in obj_ids:  # later boxes win overlaps
+            for frame, mask in per_object[obj].items():
+                out[frame][mask] = 1 if merge else obj
+        report(progress, 1.0, "MedSAM2: done")
+        return out
+
+    def _track(self, anchor, key, last, direction, trace, per_object, progress, done, total) -> None:
+        """One pass from the key slice towards `last`, from a fresh box prompt on the key slice."""
+        model, state = self.model, self._state
+        reverse = direction == "reverse"
+        model.reset_state(state)  # clears prompts and tracking outputs; the kept frame features stay
+        for obj, box in zip(trace.object_ids, anchor.boxes):
+            # voxel edge coordinates of the (J, I) slice are the predictor's pixel coordinates of a
+            # video_width=I x video_height=J frame; normalize_coords maps them onto the image_size square
+            _, _, masks = model.add_new_points_or_box(
+                state, frame_idx=key, obj_id=obj, box=[box.i0, box.j0, box.i1, box.j1], normalize_coords=True
+            )
+            idx = state["obj_id_to_idx"][obj]
+            coords = state["point_inputs_per_obj"][idx][key]["point_coords"][0, :2].float().cpu().numpy()
+            trace.model_boxes[obj] = tuple(float(v) for v in coords.reshape(-1))
+        model.propagate_in_video_preflight(state)
+        rules = {obj: _StopRule(self.absent_patience, self.stop_when_absent) for obj in trace.object_ids}
+        active = list(trace.object_ids)
+        visited = trace.visited.setdefault(direction, [])
+        step = -1 if reverse else 1
+        for frame in range(key, last + step, step):
+            if not active:
+                break
+            visited.append(frame)
+            for obj in list(active):
+                obj_idx = state["obj_id_to_idx"][obj]
+                obj_output = state["output_dict_per_obj"][obj_idx]
+                if frame in obj_output["cond_frame_outputs"]:
+                    current = obj_output["cond_frame_outputs"][frame]
+                    pred_masks = current["pred_masks"].to(state["device"], non_blocking=True)
+                else:
+                    current, pred_masks = model._run_single_frame_inference(
+                        inference_state=state,
+                        output_dict=obj_output,
+                        frame_idx=frame,
+                        batch_size=1,
+                        is_init_cond_frame=False,
+                        point_inputs=None,
+                        mask_inputs=None,
+                        reverse=reverse,
+                        run_mem_encoder=True,
+                    )
+                    obj_output["non_cond_frame_outputs"][frame] = current
+                state["frames_tracked_per_obj"][obj_idx][frame] = {"reverse": reverse}
+                _, video_res = model._get_orig_video_res_output(state, pred_masks)
+                logits = video_res[0, 0].float().cpu().numpy()
+                score = float(current["object_score_logits"].float().reshape(-1)[0])
+                trace.object_scores.setdefault((direction, obj), {})[frame] = score
+                mask = logits > 0
+                present = score > 0 and bool(mask.any())
+                if frame == key:
+                    trace.key_logits[obj] = logits
+                if self.keep_logits:
+                    trace.logits[(direction, obj, frame)] = logits
+                if present:
+                    prev = per_object[obj].get(frame)
+                    per_object[obj][frame] = mask if prev is None else (prev | mask)
+                if not rules[obj].update(present, frame == key):
+                    active.remove(obj)
+                    trace.stopped_at[(direction, obj)] = frame
+            if frame != key or direction == "forward":
+                done[0] += 1
+            report(progress, done[0] / max(total, 1), f"MedSAM2: {direction} slice {frame}")
