@@ -11,8 +11,7 @@ fits a dataset column; trl hands that column to the reward functions as a keywor
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np

@@ -242,3 +242,33 @@ def label_map_from_masks(masks: np.ndarray, names: Sequence[str]) -> tuple[np.nd
     for c in range(masks.shape[0]):
         label_map[masks[c] != 0] = c + 1
     return label_map, {c + 1: str(name) for c, name in enumerate(names)}
+
+
+def sample_rows(samples: Sequence[VRSSample], split: str, *, think: Optional[str] = None, max_boxes: int = 4) -> list[dict]:
+    """One plain dataset row per (sample, query of `split`): what SFT and GRPO datasets need, no images.
+
+    Keys: case_id, target, query, kind, split, shown_slices, image_size, answer (the GT answer text for
+    SFT), reward_target (JSON string for the reward functions).  Images are rendered later from
+    case_id + shown_slices, so rows stay small.
+    """
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
+    rows: list[dict] = []
+    for sample in samples:
+        reward_target = sample.reward_target(max_boxes=max_boxes).to_json()
+        answer = sample.answer_text(think)
+        for query in sample.queries_for(split):
+            rows.append(
+                {
+                    "case_id": sample.case_id,
+                    "target": sample.target,
+                    "query": query.text,
+                    "kind": query.kind,
+                    "split": query.split,
+                    "shown_slices": list(sample.shown_slices),
+                    "image_size": sample.image_size,
+                    "answer": answer,
+                    "reward_target": reward_target,
+                }
+            )
+    return rows

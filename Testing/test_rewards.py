@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from MedVolR1Lib.anchor import EvidenceAnchor, ParsedAnswer, answer_problems, format_answer, parse_answer
+from MedVolR1Lib.anchor import ParsedAnswer, answer_problems, format_answer, parse_answer
 from MedVolR1Lib.errors import DataError
 from MedVolR1Lib.propagation.base import Propagator
 from MedVolR1Lib.rewards import (

@@ -8,7 +8,7 @@ import pytest
 from MedVolR1Lib.anchor import VoxelBox, parse_answer
 from MedVolR1Lib.errors import DataError
 from MedVolR1Lib.queries import ENTRIES, SPLITS, find_entry, get_entry, known_label, normalise_name, queries_for
-from MedVolR1Lib.samples import SampleSet, VRSSample, build_samples, label_map_from_masks, target_mask
+from MedVolR1Lib.samples import VRSSample, build_samples, label_map_from_masks, sample_rows, target_mask
 from MedVolR1Lib.targets import BoxRules, component_boxes, key_slice_from_areas, part_boxes, profile_labels, profile_target, slice_areas
 from MedVolR1Lib.volume import Volume
 
@@ -267,3 +267,20 @@ def test_sample_ct_samples_roundtrip_json(sample_ct):
         VRSSample.from_json('{"case_id": "x"}')
     with pytest.raises(DataError):
         VRSSample.from_json("not json")
+
+
+def test_sample_rows_split_queries_and_carry_reward_targets(sample_ct):
+    _, _, _, result = sample_ct
+    kidneys = [s for s in result.samples if s.target == "kidneys"]
+    train, held = sample_rows(kidneys, "train"), sample_rows(kidneys, "held_out")
+    assert train and held and not {r["query"] for r in train} & {r["query"] for r in held}
+    assert len(train) + len(held) == len(kidneys[0].queries)
+    row = train[0]
+    json.dumps(row)
+    from MedVolR1Lib.rewards import RewardTarget, compute_rewards
+
+    target = RewardTarget.from_json(row["reward_target"])
+    assert target.shown_slices == row["shown_slices"] and target.labels == kidneys[0].label_values
+    assert compute_rewards([row["answer"]], [row["reward_target"]])["slice"] == [1.0]
+    with pytest.raises(ValueError):
+        sample_rows(kidneys, "test")
