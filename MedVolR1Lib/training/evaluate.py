@@ -1,0 +1,315 @@
+"""Evaluation over a split: policies side by side with the oracle row and two controls.
+
+Rows ("methods"):
+- ``oracle``: the GT anchor (key slice + GT boxes) through the same propagator: the ceiling.
+- ``blind_prior``: per target, the most common key-slice position (as a fraction of the shown slices)
+  and the mean GT box of the training records, never looking at the image.
+- each checkpoint (base, SFT, SFT+GRPO, ...), and ``<checkpoint>+blank``: the same model shown black
+  images (a constant volume on the same grid), so what it gains from looking is visible.
+Anchor metrics: format validity, slice hit (the chosen slice shows the target), key-slice match,
+matched box IoU on the chosen slice.  Mask metrics (with a propagator): Dice and NSD at native
+resolution; `eval_window >= 0` propagates and scores only k +- W slices (cheap CI setting).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..anchor import EvidenceAnchor
+from ..volume import Volume, atomic_write
+from .records import VRSRecord, read_records
+from .store import VolumeStore
+
+ANCHOR_METRICS = ("format_valid", "slice_hit", "key_slice", "box_iou")
+MASK_METRICS = ("dice", "nsd")
+
+
+@dataclass
+class EvalArguments:
+    """Training/evaluate.py settings."""
+
+    eval_data_dir: str = field(default="runs/data", metadata={"help": "prepared data folder"})
+    eval_file: str = field(default="test", metadata={"help": "records file stem to evaluate"})
+    prior_file: str = field(default="train", metadata={"help": "records the blind prior is fitted on"})
+    checkpoints: str = field(default="", metadata={"help": "comma list name=path; path is a model folder/hub id or an adapter folder"})
+    base_model: Optional[str] = field(default=None, metadata={"help": "base model for adapters without a manifest; 'tiny' allowed"})
+    tiny_model_dir: str = "runs/tiny-qwen"
+    blank_control: bool = field(default=True, metadata={"help": "add '<name>+blank' rows (images blanked)"})
+    propagator: str = field(default="litemedsam", metadata={"help": "litemedsam | medsam2 | none (anchor metrics only)"})
+    sam_checkpoint: Optional[str] = None
+    eval_window: int = field(default=-1, metadata={"help": "propagate and score k +- W slices; -1: whole volume"})
+    max_records: int = field(default=0, metadata={"help": "0: all"})
+    max_new_tokens: int = 128
+    report_dir: str = field(default="runs/eval", metadata={"help": "report.md, results.csv, per_record.csv, metrics.png"})
+    nsd_tolerance_mm: float = 2.0
+    device: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------- anchors
+
+
+@dataclass
+class AnchorGuess:
+    slice_index: Optional[int]
+    pixel_boxes: list
+    anchor: Optional[EvidenceAnchor]
+    raw: str = ""
+
+
+class BlindPrior:
+    """Per target: modal key-slice position (fraction of the shown-slice list) and mean GT box; no image."""
+
+    def __init__(self, train: Sequence[VRSRecord]):
+        positions: dict[str, list[float]] = defaultdict(list)
+        boxes: dict[str, list[list[list[float]]]] = defaultdict(list)
+        for r in train:
+            positions[r.target].append(r.slices.index(r.gt_slice) / max(1, len(r.slices) - 1))
+            boxes[r.target].append(r.gt_boxes)
+        self.position = {t: Counter(round(p, 2) for p in v).most_common(1)[0][0] for t, v in positions.items()}
+        self.boxes = {}
+        for t, lists in boxes.items():
+            count = Counter(len(b) for b in lists).most_common(1)[0][0]
+            same = [sorted(b) for b in lists if len(b) == count]
+            self.boxes[t] = np.mean(np.asarray(same, dtype=float), axis=0).tolist()
+
+    def guess(self, record: VRSRecord) -> AnchorGuess:
+        if record.target not in self.position:
+            return AnchorGuess(None, [], None, "no prior for this target")
+        n = len(record.slices)
+        k = record.slices[int(round(self.position[record.target] * (n - 1)))]
+        boxes = self.boxes[record.target]
+        return AnchorGuess(k, boxes, _anchor(record, k, boxes))
+
+
+def _geometry(record: VRSRecord):
+    from ..views import ViewGeometry
+
+    g = dict(record.geometry)
+    g["shape_ji"] = tuple(int(n) for n in g["shape_ji"])
+    return ViewGeometry(**g)
+
+
+def _anchor(record: VRSRecord, k: int, pixel_boxes) -> Optional[EvidenceAnchor]:
+    from ..anchor import ParsedAnswer
+    from ..errors import AnchorError
+
+    try:
+        return _geometry(record).anchor_from_answer(ParsedAnswer(int(k), tuple(tuple(b) for b in pixel_boxes)), len(record.areas))
+    except (AnchorError, ValueError):
+        return None
+
+
+def oracle_guess(record: VRSRecord) -> AnchorGuess:
+    return AnchorGuess(record.gt_slice, record.gt_boxes, _anchor(record, record.gt_slice, record.gt_boxes))
+
+
+def _blank_volume(volume: Volume) -> Volume:
+    """Same grid, constant intensity: every rendered view is black."""
+    return Volume(np.full(volume.shape, float(volume.array.min()), dtype=np.float32), volume.ijk_to_ras.copy(), volume.modality, volume.name + "_blank")
+
+
+class PolicyRunner:
+    """A checkpoint through the product's Grounder (the same call path the pipeline uses)."""
+
+    def __init__(self, name: str, grounder, max_new_tokens: int):
+        from ..grounder import GenerationSettings
+
+        self.name = name
+        self.grounder = grounder
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, retries=0, do_sample=False)
+        self._blank: dict[str, Volume] = {}
+
+    def guess(self, record: VRSRecord, volume: Volume, blank: bool = False) -> AnchorGuess:
+        if blank:
+            if volume.fingerprint not in self._blank:
+                self._blank = {volume.fingerprint: _blank_volume(volume)}
+            volume = self._blank[volume.fingerprint]
+        result = self.grounder.ground(
+            volume, record.query, slices=record.slices, image_size=record.image_size, window=record.window,
+            settings=self.settings, raise_on_failure=False,
+        )
+        if result.anchor is None:
+            partial = result.answer.slice_index if result.answer is not None else None
+            return AnchorGuess(partial, [], None, result.raw_text)
+        return AnchorGuess(result.anchor.slice_index, [list(b) for b in result.pixel_boxes], result.anchor, result.raw_text)
+
+
+def load_checkpoint(spec: str, args: EvalArguments) -> PolicyRunner:
+    """'name=path': a full model folder / hub id, or an adapter folder (base from its manifest or --base_model)."""
+    from ..grounder import Grounder
+    from .checkpoints import read_manifest
+    from .config import TINY_MODEL
+
+    name, _, path = spec.partition("=")
+    if not path:
+        name, path = Path(spec).name, spec
+    base, adapter = path, None
+    if (Path(path) / "adapter_config.json").exists():
+        adapter = path
+        base = read_manifest(path).get("base_model") or args.base_model
+        if not base:
+            raise ValueError(f"{path}: adapter without a training manifest; pass --base_model")
+    if base == TINY_MODEL:
+        from ..fixtures.tiny_qwen import build_tiny_qwen
+
+        base = str(build_tiny_qwen(args.tiny_model_dir))
+    grounder = Grounder.from_pretrained(base, adapter=adapter, device=args.device)
+    return PolicyRunner(name.strip(), grounder, args.max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def anchor_scores(record: VRSRecord, guess: AnchorGuess) -> dict[str, float]:
+    from ..rewards import matched_box_score
+
+    k = guess.slice_index
+    shown = k is not None and k in record.slices
+    hit = bool(shown and 0 <= k < len(record.areas) and record.areas[k] > 0)
+    gt = record.boxes_by_slice.get(str(k), []) if shown else []
+    return {
+        "format_valid": float(guess.anchor is not None),
+        "slice_hit": float(hit and guess.anchor is not None),
+        "key_slice": float(guess.anchor is not None and k == record.gt_slice),
+        "box_iou": float(matched_box_score(guess.pixel_boxes, gt)) if guess.anchor is not None and gt else 0.0,
+    }
+
+
+def mask_scores(store: VolumeStore, record: VRSRecord, anchor: Optional[EvidenceAnchor], window: int, tolerance: float) -> dict[str, float]:
+    from ..metrics import array_spacing, score_masks
+
+    case = store.case(record.case_id)
+    gt = case.target_mask(record.labels)
+    if anchor is None:
+        return {"dice": 0.0, "nsd": 0.0}
+    propagator = store.propagator(record.case_id)
+    last = case.volume.num_slices - 1
+    k = anchor.slice_index
+    z0, z1 = (0, last) if window < 0 else (max(0, k - window), min(last, k + window))
+    pred = np.asarray(propagator.propagate(anchor, merge=True, slice_range=(z0, z1))) > 0
+    scores = score_masks(pred[z0 : z1 + 1], gt[z0 : z1 + 1], array_spacing(case.volume), tolerance)
+    return {"dice": scores.dice, "nsd": scores.nsd}
+
+
+def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = None) -> dict:
+    """Score every method on every record; write report.md, results.csv, per_record.csv and metrics.png."""
+    data = Path(args.eval_data_dir)
+    records = read_records(data / f"{args.eval_file}.jsonl")
+    if args.max_records:
+        records = records[: args.max_records]
+    prior = BlindPrior(read_records(data / f"{args.prior_file}.jsonl"))
+    factory = None
+    if args.propagator != "none":
+        from ..propagation.factory import build_propagator
+
+        factory = lambda: build_propagator(args.propagator, sam_checkpoint=args.sam_checkpoint)  # noqa: E731
+    store = VolumeStore.from_dir(data, propagator_factory=factory)
+    if runners is None:
+        runners = [load_checkpoint(spec.strip(), args) for spec in args.checkpoints.split(",") if spec.strip()]
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for record in records:
+        volume = store.volume(record.case_id)
+        guesses: list[tuple[str, AnchorGuess]] = [("oracle", oracle_guess(record)), ("blind_prior", prior.guess(record))]
+        for runner in runners:
+            guesses.append((runner.name, runner.guess(record, volume)))
+            if args.blank_control:
+                guesses.append((f"{runner.name}+blank", runner.guess(record, volume, blank=True)))
+        for method, guess in guesses:
+            row = {"method": method, "record": record.id, "dataset": record.dataset, "target": record.target,
+                   "query_split": record.query_split, **anchor_scores(record, guess)}
+            if factory is not None:
+                row.update(mask_scores(store, record, guess.anchor, args.eval_window, args.nsd_tolerance_mm))
+            row["answer"] = guess.raw[:200]
+            rows.append(row)
+    summary = summarise(rows, [m for m, _ in guesses] if records else [])
+    summary["seconds"] = time.perf_counter() - started
+    summary["settings"] = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    write_report(Path(args.report_dir), rows, summary, args)
+    return summary
+
+
+def summarise(rows: list[dict], methods: Sequence[str]) -> dict:
+    metrics = [m for m in ANCHOR_METRICS + MASK_METRICS if rows and m in rows[0]]
+    table: list[dict] = []
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["method"], "all", "all")].append(row)
+        groups[(row["method"], row["dataset"], row["target"])].append(row)
+    order = {m: n for n, m in enumerate(methods)}
+    for (method, dataset, target), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != "all", kv[0][1], kv[0][2])):
+        entry = {"method": method, "dataset": dataset, "target": target, "n": len(members)}
+        for m in metrics:
+            entry[m] = float(np.mean([r[m] for r in members]))
+        table.append(entry)
+    return {"metrics": metrics, "table": table, "methods": list(methods)}
+
+
+def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArguments) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = summary["metrics"]
+
+    def write_csv(path: Path, data: list[dict], fields: list[str]) -> None:
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(data)
+
+        atomic_write(path, write)
+
+    write_csv(folder / "results.csv", summary["table"], ["method", "dataset", "target", "n", *metrics])
+    if rows:
+        write_csv(folder / "per_record.csv", rows, list(rows[0].keys()))
+    overall = [e for e in summary["table"] if e["dataset"] == "all"]
+    lines = [
+        "# MedVol-R1 evaluation",
+        "",
+        f"Split `{args.eval_file}` of `{args.eval_data_dir}`, {len({r['record'] for r in rows})} records; propagator "
+        f"`{args.propagator}`" + (f", scored within k +- {args.eval_window} slices" if args.eval_window >= 0 else ", whole volume") + ".",
+        "`oracle` = GT anchor through the same propagator (ceiling); `blind_prior` = per-target modal key-slice position and "
+        "mean box, no image; `<name>+blank` = the same model shown black images.",
+        "",
+        "## Overall",
+        "",
+        "| method | n | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    lines += [f"| {e['method']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" for e in overall]
+    lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |",
+              "|---|---|---|---|" + "---|" * len(metrics)]
+    lines += [f"| {e['method']} | {e['dataset']} | {e['target']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |"
+              for e in summary["table"] if e["dataset"] != "all"]
+    lines += ["", f"Wall time {summary.get('seconds', 0.0):.1f} s. Plot: metrics.png. Per record: per_record.csv.", ""]
+    atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    atomic_write(folder / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=str)))
+    _plot(folder / "metrics.png", overall, metrics)
+
+
+def _plot(path: Path, overall: list[dict], metrics: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) * max(1, len(overall)) / 2), 3.6))
+    width = 0.8 / max(1, len(overall))
+    x = np.arange(len(metrics))
+    for n, entry in enumerate(overall):
+        ax.bar(x + n * width, [entry[m] for m in metrics], width, label=entry["method"])
+    ax.set_xticks(x + width * (len(overall) - 1) / 2, metrics)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean over records")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

@@ -1,0 +1,25 @@
+"""Evaluate checkpoints side by side (plus the oracle row and the blind-prior / blanked-image controls).
+
+    python Training/evaluate.py --config Training/configs/cpu-smoke.yaml
+    python Training/evaluate.py --eval_data_dir runs/m3d --checkpoints base=Qwen/Qwen2.5-VL-7B-Instruct,sft=runs/sft,grpo=runs/grpo
+Writes report.md, results.csv, per_record.csv, summary.json and metrics.png under report_dir.
+"""
+
+import sys
+
+from trl import TrlParser
+
+from MedVolR1Lib.training.config import stage_argv
+from MedVolR1Lib.training.evaluate import EvalArguments, evaluate
+
+
+def main(argv=None) -> dict:
+    parser = TrlParser((EvalArguments,))
+    (args,) = parser.parse_args_and_config(stage_argv("evaluate", sys.argv[1:] if argv is None else argv))
+    summary = evaluate(args)
+    print((__import__("pathlib").Path(args.report_dir) / "report.md").read_text())
+    return summary
+
+
+if __name__ == "__main__":
+    main()
