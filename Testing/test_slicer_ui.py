@@ -1,0 +1,108 @@
+"""The panel's .ui file against the module code, with PySide6 offscreen (Slicer's own widgets fall back to
+their <extends> base class, so names and layout are checkable though they draw blank).
+
+Proves: the .ui loads; every `self.ui.<name>` MedVolR1.py uses exists, with a type that has the
+methods the code calls; every parameter-node binding names a real parameter; a screenshot of the panel.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+from PySide6.QtCore import QFile  # noqa: E402
+from PySide6.QtUiTools import QUiLoader  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_PATH = ROOT / "MedVolR1" / "Resources" / "UI" / "MedVolR1.ui"
+MODULE_PATH = ROOT / "MedVolR1" / "MedVolR1.py"
+SCREENSHOT = ROOT / "docs" / "slicer_panel.png"
+
+EXPECTED_TYPES = {  # widgets whose Qt type matters to the module code
+    "findEvidenceButton": QtWidgets.QPushButton,
+    "segmentButton": QtWidgets.QPushButton,
+    "cancelButton": QtWidgets.QPushButton,
+    "progressBar": QtWidgets.QProgressBar,
+    "propagatorComboBox": QtWidgets.QComboBox,
+    "deviceComboBox": QtWidgets.QComboBox,
+    "reasoningTextEdit": QtWidgets.QPlainTextEdit,
+    "statusLabel": QtWidgets.QLabel,
+    "deviceLabel": QtWidgets.QLabel,
+    "queryLineEdit": QtWidgets.QLineEdit,
+    "modelLineEdit": QtWidgets.QLineEdit,
+    "adapterLineEdit": QtWidgets.QLineEdit,
+    "samCheckpointLineEdit": QtWidgets.QLineEdit,
+}
+
+
+@pytest.fixture(scope="module")
+def panel():
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    handle = QFile(str(UI_PATH))
+    assert handle.open(QFile.ReadOnly)
+    widget = QUiLoader().load(handle)
+    handle.close()
+    assert widget is not None, "QUiLoader could not load MedVolR1.ui"
+    yield widget
+    widget.deleteLater()
+    app.processEvents()
+
+
+def _ui_names_used_by_module() -> set[str]:
+    return set(re.findall(r"self\.ui\.([A-Za-z_][A-Za-z0-9_]*)", MODULE_PATH.read_text()))
+
+
+def _parameter_names() -> set[str]:
+    tree = ast.parse(MODULE_PATH.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "MedVolR1ParameterNode":
+            return {stmt.target.id for stmt in node.body if isinstance(stmt, ast.AnnAssign)}
+    raise AssertionError("MedVolR1ParameterNode not found in MedVolR1.py")
+
+
+def test_every_widget_the_module_uses_exists(panel):
+    used = _ui_names_used_by_module()
+    assert {"findEvidenceButton", "segmentButton", "cancelButton", "progressBar", "reasoningTextEdit"} <= used
+    missing = sorted(name for name in used if panel.findChild(QtWidgets.QWidget, name) is None)
+    assert not missing, f"MedVolR1.py uses widgets absent from MedVolR1.ui: {missing}"
+    for name, cls in EXPECTED_TYPES.items():
+        assert isinstance(panel.findChild(QtWidgets.QWidget, name), cls), name
+
+
+def test_parameter_bindings_name_real_parameters(panel):
+    parameters = _parameter_names()
+    bound = {}
+    for widget in panel.findChildren(QtWidgets.QWidget):
+        name = widget.property("SlicerParameterName")
+        if name:
+            bound[str(name)] = widget.objectName()
+    assert set(bound) <= parameters, f"unknown parameters bound in the .ui: {set(bound) - parameters}"
+    # Combo boxes are synced in code (_syncCombos); everything else is bound in the .ui.
+    assert set(bound) == parameters - {"propagator", "device"}
+    assert bound["inputVolume"] == "inputVolumeSelector" and bound["query"] == "queryLineEdit"
+
+
+def test_screenshot_of_the_panel(panel):
+    panel.resize(440, 700)
+    combo = panel.findChild(QtWidgets.QComboBox, "propagatorComboBox")
+    combo.addItems(["auto", "litemedsam", "medsam2"])
+    panel.findChild(QtWidgets.QComboBox, "deviceComboBox").addItems(["auto", "cpu"])
+    panel.findChild(QtWidgets.QLabel, "deviceLabel").setText("CPU only")
+    panel.findChild(QtWidgets.QLineEdit, "queryLineEdit").setText("segment the left kidney")
+    panel.findChild(QtWidgets.QPlainTextEdit, "reasoningTextEdit").setPlainText(
+        "(illustration) The left kidney is largest on slice 57, lateral to the spine; one box.")
+    panel.findChild(QtWidgets.QProgressBar, "progressBar").setValue(40)
+    panel.show()
+    QtWidgets.QApplication.processEvents()
+    image = panel.grab().toImage()
+    assert image.width() >= 400 and image.height() >= 600
+    if not SCREENSHOT.exists() or os.environ.get("MEDVOLR1_UPDATE_SCREENSHOT"):
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        assert image.save(str(SCREENSHOT))
+    assert SCREENSHOT.stat().st_size > 1000
