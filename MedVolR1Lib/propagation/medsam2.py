@@ -15,17 +15,16 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 import hashlib
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
@@ -198,7 +197,9 @@ class InMemorySAM2VideoPredictor(SAM2VideoPredictor):
         feats = store[frame_idx]
         image = inference_state["images"].batch(frame_idx, frame_idx + 1, device)
         expanded_backbone_out = {
-            "backbone_fpn": [x.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for x in feats["backbone_fpn"]],
+            "backbone_fpn": [
+                x.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for x in feats["backbone_fpn"]
+            ],
             "vision_pos_enc": [
                 p.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for p in feats["vision_pos_enc"]
             ],
@@ -342,9 +343,10 @@ class MedSAM2Propagator(Propagator):
                 f"download {MEDSAM2_FILENAME} again from {MEDSAM2_URL}"
             ) from exc
         if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+            found = f"a dict with keys {sorted(map(str, payload))[:5]}" if isinstance(payload, dict) else type(payload).__name__
             raise CheckpointError(
                 f"{self.checkpoint}: expected a dict with the state dict under 'model' (as {MEDSAM2_FILENAME}), "
-                f"got {type(payload).__name__}{' with keys ' + str(sorted(payload)[:5]) if isinstance(payload, dict) else ''}"
+                f"got {found}"
             )
         state_dict = payload["model"]
         with warnings.catch_warnings():
