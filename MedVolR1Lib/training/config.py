@@ -42,6 +42,7 @@ class PolicyArguments:
     freeze_vision: bool = field(default=True, metadata={"help": "full fine-tuning: keep the vision tower frozen"})
     torch_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16"})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. flash_attention_2 on GPU"})
+    torch_threads: int = field(default=0, metadata={"help": ">0: torch.set_num_threads (1 is fastest for the tiny model on a busy CPU)"})
 
 
 @dataclass

@@ -52,6 +52,7 @@ class EvalArguments:
     report_dir: str = field(default="runs/eval", metadata={"help": "report.md, results.csv, per_record.csv, metrics.png"})
     nsd_tolerance_mm: float = 2.0
     device: str = "auto"
+    eval_threads: int = field(default=0, metadata={"help": ">0: torch.set_num_threads"})
 
 
 # ---------------------------------------------------------------------------------------------- anchors
@@ -202,6 +203,10 @@ def mask_scores(store: VolumeStore, record: VRSRecord, anchor: Optional[Evidence
 
 def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = None) -> dict:
     """Score every method on every record; write report.md, results.csv, per_record.csv and metrics.png."""
+    if args.eval_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.eval_threads)
     data = Path(args.eval_data_dir)
     records = read_records(data / f"{args.eval_file}.jsonl")
     if args.max_records:

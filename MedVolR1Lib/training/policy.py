@@ -32,6 +32,10 @@ def load_policy(args: PolicyArguments, *, use_cpu: bool = False, gradient_checkp
     """(model, processor, model_path): LoRA-wrapped (new, or the starting adapter made trainable) or full."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if args.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     path = resolve_model_path(args)
     kwargs = {"dtype": _dtype(args.torch_dtype, use_cpu), "trust_remote_code": False}
     if args.attn_implementation:
