@@ -160,6 +160,11 @@ def test_missing_or_wrong_folders_are_checkpoint_errors(tmp_path, tiny_qwen_dir)
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         Grounder.from_pretrained(str(empty), device="cpu")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="could not load the checkpoint .*broken"):
+        Grounder.from_pretrained(str(broken), device="cpu")
     with pytest.raises(CheckpointError, match="no adapter_config.json"):
         Grounder.from_pretrained(str(tiny_qwen_dir), adapter=str(empty), device="cpu")
     with pytest.raises(CheckpointError, match="adapter folder .*missing_adapter.*does not exist"):
