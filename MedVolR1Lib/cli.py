@@ -60,6 +60,7 @@ def _config(args) -> "PipelineConfig":
         adapter=getattr(args, "adapter", None),
         propagator=args.propagator,
         sam_checkpoint=args.sam_checkpoint,
+        sam_overrides=tuple(args.sam_override),
         device=args.device,
         num_views=getattr(args, "num_views", 16),
         image_size=args.image_size,
@@ -183,6 +184,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--propagator", default="auto", choices=("auto", "litemedsam", "medsam2"),
                         help="auto: MedSAM2 when --sam-checkpoint is given and CUDA is present, else LiteMedSAM")
     parser.add_argument("--sam-checkpoint", help="MedSAM2 checkpoint (MedSAM2_latest.pt from huggingface.co/wanglab/MedSAM2)")
+    parser.add_argument("--sam-override", action="append", default=[],
+                        help="extra hydra override for the MedSAM2 model config (advanced; e.g. test models)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--window", help="CT window preset (abdomen, lung, bone, soft_tissue, liver, brain) or 'percentile'")
     parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")
