@@ -11,6 +11,16 @@ from typing import Optional
 TINY_MODEL = "tiny"  # model_name_or_path value that builds the offline tiny Qwen2.5-VL fixture
 
 
+def tiny_model_path(name: str, folder: str) -> "str | None":
+    """'tiny' / 'tiny-small' -> build (or reuse) that fixture size in `folder`; None for real models."""
+    if name not in ("tiny", "tiny-small"):
+        return None
+    from ..fixtures.tiny_qwen import build_tiny_qwen
+
+    size = "small" if name == "tiny-small" else "tiny"
+    return str(build_tiny_qwen(folder if size == "tiny" else f"{folder}-small", size=size))
+
+
 @dataclass
 class VRSDataArguments:
     """Which prepared VRS data to train on (Training/prepare_data.py output folder)."""

@@ -148,7 +148,7 @@ def load_checkpoint(spec: str, args: EvalArguments) -> PolicyRunner:
     """'name=path': a full model folder / hub id, or an adapter folder (base from its manifest or --base_model)."""
     from ..grounder import Grounder
     from .checkpoints import read_manifest
-    from .config import TINY_MODEL
+    from .config import tiny_model_path
 
     name, _, path = spec.partition("=")
     if not path:
@@ -159,10 +159,7 @@ def load_checkpoint(spec: str, args: EvalArguments) -> PolicyRunner:
         base = read_manifest(path).get("base_model") or args.base_model
         if not base:
             raise ValueError(f"{path}: adapter without a training manifest; pass --base_model")
-    if base == TINY_MODEL:
-        from ..fixtures.tiny_qwen import build_tiny_qwen
-
-        base = str(build_tiny_qwen(args.tiny_model_dir))
+    base = tiny_model_path(base, args.tiny_model_dir) or base
     grounder = Grounder.from_pretrained(base, adapter=adapter, device=args.device)
     return PolicyRunner(name.strip(), grounder, args.max_new_tokens)
 

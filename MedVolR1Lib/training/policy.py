@@ -6,16 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import CheckpointError
-from .config import TINY_MODEL, PolicyArguments
+from .config import PolicyArguments, tiny_model_path
 
 
 def resolve_model_path(args: PolicyArguments) -> str:
-    """'tiny' builds (or reuses) the offline tiny Qwen2.5-VL fixture; anything else is passed through."""
-    if args.model_name_or_path == TINY_MODEL:
-        from ..fixtures.tiny_qwen import build_tiny_qwen
-
-        return str(build_tiny_qwen(args.tiny_model_dir))
-    return args.model_name_or_path
+    """'tiny' / 'tiny-small' build (or reuses) the offline tiny Qwen2.5-VL fixture; anything else is passed through."""
+    return tiny_model_path(args.model_name_or_path, args.tiny_model_dir) or args.model_name_or_path
 
 
 def _dtype(name: str, use_cpu: bool):
