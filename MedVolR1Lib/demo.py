@@ -127,9 +127,12 @@ def _query_demo(volume, pipeline, out_dir: Path) -> dict:
     try:
         result = query_pipeline.segment(volume, DEMO_QUERY, progress=_progress("query"))
     except MedVolR1Error as exc:
-        raw = getattr(exc, "raw_text", "")
-        _say(f"  {DEMO_QUERY!r} -> no usable evidence ({type(exc).__name__}: {exc}); raw answer: {raw[:120]!r}")
-        return {"query": DEMO_QUERY, "status": "failed", "error": str(exc), "raw_text": raw}
+        raw = getattr(exc, "raw_text", "") or ""
+        reason = getattr(exc, "reason", type(exc).__name__)
+        _say(f"  {DEMO_QUERY!r} -> no usable evidence ({type(exc).__name__}, reason: {reason}); "
+             f"raw answer starts {raw[:60].encode('ascii', 'backslashreplace').decode()!r}")
+        _say("  (expected from random weights; train with Training/sft.py and Training/grpo.py, then pass --model/--adapter)")
+        return {"query": DEMO_QUERY, "status": "failed", "reason": reason, "raw_text": raw}
     write_outputs(result, out_dir / "query_demo", {"grounder": query_pipeline.grounder.describe()})
     _say(f"  {DEMO_QUERY!r} -> slice {result.anchor.slice_index}, {len(result.anchor.boxes)} box(es), {result.volume_ml:.1f} ml")
     return {"query": DEMO_QUERY, "status": "ok", "slice": result.anchor.slice_index, "mask_ml": round(result.volume_ml, 2)}
