@@ -50,4 +50,6 @@ def build_propagator(
         return MedSAM2Propagator(sam_checkpoint, device=device, window=window, hydra_overrides=tuple(sam_overrides))
     from .litemedsam import LiteMedSAMPropagator
 
-    return LiteMedSAMPropagator(device="cpu" if device == "auto" and not cuda_available() else device, window=window)
+    if device == "auto":
+        device = "cuda" if cuda_available() else "cpu"
+    return LiteMedSAMPropagator(device=device, window=window)
