@@ -2,8 +2,8 @@
 
 Everything runs through the real transformers / peft code paths on a tiny random-weight model.
 Random weights emit garbage, so both outcomes are tested honestly: garbage -> GroundingError with
-the raw text; and, after a few seconds of plain-torch SFT on one fixed answer, greedy decoding
-reproduces it and `ground()` must return the matching voxel anchor.
+the raw text; and the library's answering fixture (the tiny model taught one fixed answer on this
+prompt, fixtures/answering_qwen.py) reproduces it, and `ground()` must return the matching voxel anchor.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, format_answer, parse_answer
 from MedVolR1Lib.devices import parse_dtype, resolve_device
 from MedVolR1Lib.errors import Cancelled, CheckpointError, DeviceError
+from MedVolR1Lib.fixtures.answering_qwen import build_answering_tiny_qwen, training_record
 from MedVolR1Lib.fixtures.tiny_qwen import (
     MARKER_FILE,
     QWEN_SPECIAL_TOKENS,
@@ -239,40 +240,37 @@ def test_adapter_is_applied(tiny_qwen_dir, tiny_lora_dir, random_grounder, volum
 # ----------------------------------------------------------------------------- grounding, valid path
 
 
-def _sft_on_one_answer(grounder: Grounder, views, target: str, max_steps: int = 150) -> int:
-    """Plain-torch teacher forcing of `target` after the real prompt until every target token is the argmax."""
-    inputs = grounder.build_inputs(views, QUERY)
-    tokenizer = grounder.processor.tokenizer
-    target_ids = torch.tensor([tokenizer(target + "<|im_end|>", add_special_tokens=False)["input_ids"]])
-    prompt_len = inputs["input_ids"].shape[1]
-    batch = dict(inputs)
-    batch["input_ids"] = torch.cat([inputs["input_ids"], target_ids], 1)
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    batch["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(target_ids)], 1)
-    labels = batch["input_ids"].clone()
-    labels[:, :prompt_len] = -100
-    torch.manual_seed(0)
-    model = grounder.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(max_steps):
-        output = model(**batch, labels=labels)
-        optimizer.zero_grad()
-        output.loss.backward()
-        optimizer.step()
-        predicted = output.logits[0, prompt_len - 1 : -1].argmax(-1)
-        if bool((predicted == target_ids[0]).all()) and output.loss.item() < 0.1:
-            break
-    model.eval()
-    return step
+@pytest.fixture(scope="module")
+def answering_dir(tmp_path_factory, volume):
+    """The library's answering fixture: the tiny model taught this one answer for this one prompt."""
+    return build_answering_tiny_qwen(
+        tmp_path_factory.mktemp("answering") / "model",
+        volume=volume, query=QUERY, answer_text=format_answer(KEY_SLICE, [PIXEL_BOX], think=THINK),
+        slices=SHOWN, image_size=IMAGE_SIZE,
+    )
 
 
 @pytest.fixture(scope="module")
-def trained_grounder(tiny_qwen_dir, volume):
-    grounder = Grounder.from_pretrained(str(tiny_qwen_dir), device="cpu", settings=GenerationSettings(max_new_tokens=64, retries=0))
-    views = render_views(volume, SHOWN, image_size=IMAGE_SIZE)
-    steps = _sft_on_one_answer(grounder, views, format_answer(KEY_SLICE, [PIXEL_BOX], think=THINK))
-    assert steps < 149, "the tiny model did not memorise the answer"
-    return grounder
+def trained_grounder(answering_dir):
+    return Grounder.from_pretrained(str(answering_dir), device="cpu", settings=GenerationSettings(max_new_tokens=64, retries=0))
+
+
+def test_answering_fixture_is_recorded_reused_and_checked(answering_dir, volume, tmp_path):
+    record = training_record(answering_dir)
+    assert 0 < record["steps"] < 200 and record["final_loss"] < 0.1
+    assert record["slices"] == list(SHOWN) and record["query"] == QUERY
+    assert not (answering_dir / "_base").exists()  # the random base it started from is not shipped
+    weights = answering_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    same = dict(volume=volume, query=QUERY, answer_text=format_answer(KEY_SLICE, [PIXEL_BOX], think=THINK), slices=SHOWN,
+                image_size=IMAGE_SIZE)
+    assert build_answering_tiny_qwen(answering_dir, **same) == answering_dir
+    assert weights.stat().st_mtime_ns == before  # same inputs hash: reused, not retrained
+    # Too few steps to memorise: a clear error, and nothing half-built left behind.
+    failed = tmp_path / "too_short"
+    with pytest.raises(CheckpointError, match="did not memorise.*in 2 steps"):
+        build_answering_tiny_qwen(failed, **same, max_steps=2)
+    assert not failed.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_valid_answer_becomes_the_voxel_anchor(trained_grounder, volume):

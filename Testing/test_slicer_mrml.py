@@ -3,7 +3,9 @@
 Proves: volume nodes (read by Slicer's own NIfTI reader, and flipped / LPS / permuted copies) give the
 same canonical Volume; anchors <-> evidence ROIs round-trip to the voxel; masks <-> segments are exact
 on the node's grid; a user drag triggers exactly one re-propagation and code updates none; failures,
-model garbage and Cancel leave the scene untouched.
+model garbage and Cancel leave the scene untouched; and the panel's whole flow (query -> Find evidence ->
+ROIs -> Segment -> drag -> re-propagation) on real models, with the tiny Qwen taught one answer
+(fixtures/answering_qwen.py: a wiring fixture that says what it was told) and the micro SAM2.
 """
 
 from __future__ import annotations
@@ -454,4 +456,125 @@ def test_segment_from_rois_then_a_drag_repropagates_once(scene, sample_volume, m
         mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(session.result.mask)
     )
     watcher.clear()
+    hook.remove()
+    mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
+
+
+# ------------------------------------------------------------ the full panel flow with a model that gives an answer
+
+FLOW_QUERY = "segment the left kidney"
+FLOW_SLICES = (80, 96)  # a 16-slice crop of the sample CT through both kidneys
+KIDNEY_LEFT = 3
+
+
+@pytest.fixture(scope="module")
+def kidney_case(tmp_path_factory, sample_volume, sample_labels):
+    """The crop's Volume as the session will see it, the left kidney's mask on it, the answer that points at the
+    kidney on the shown slice where it is largest, and the tiny Qwen taught to give exactly that answer to
+    exactly the panel's prompt (4 views of 112 px): a wiring fixture, not a model that can find kidneys."""
+    pytest.importorskip("transformers")
+    from MedVolR1Lib.fixtures.answering_qwen import answer_for_mask, build_answering_tiny_qwen
+
+    scene = slicer.vtkMRMLScene()
+    volume = mm.volume_from_node(_small_ct_node(scene, sample_volume, *FLOW_SLICES))
+    mask = (sample_labels[FLOW_SLICES[0] : FLOW_SLICES[1]] == KIDNEY_LEFT).astype(np.uint8)
+    answer = answer_for_mask(volume, mask, num_views=4, image_size=112, think="left kidney")
+    model = build_answering_tiny_qwen(
+        tmp_path_factory.mktemp("answering") / "model", volume=volume, query=FLOW_QUERY, answer_text=answer,
+        num_views=4, image_size=112,
+    )
+    return volume, mask, answer, model
+
+
+def _same_anchor(got, want, slice_shift=0) -> bool:
+    """Equal up to the 1e-6 voxel rounding of coordinates read back from ROI nodes."""
+    return got.slice_index == want.slice_index + slice_shift and len(got.boxes) == len(want.boxes) and all(
+        np.allclose(a.as_list(), b.as_list(), atol=1e-5) for a, b in zip(got.boxes, want.boxes)
+    )
+
+
+def test_find_evidence_segment_drag_repropagate(scene, sample_volume, kidney_case, micro_sam2):
+    """Query -> Find evidence -> ROIs -> Segment -> user drags an ROI -> one re-propagation, all on real models
+    (the answering tiny Qwen, the micro SAM2 through the MedSAM2 propagator) and a real MRML scene."""
+    from MedVolR1Lib.anchor import box_ras_bounds, parse_answer
+    from MedVolR1Lib.views import ViewGeometry
+
+    fixture_volume, kidney, answer, model = kidney_case
+    node = _small_ct_node(scene, sample_volume, *FLOW_SLICES)
+    volume = mm.volume_from_node(node)
+    assert volume.fingerprint == fixture_volume.fingerprint  # premise: the prompt the model was taught
+    session = EvidenceSession(scene, _factory(model, micro_sam2))
+    settings = PanelSettings()
+    parsed = parse_answer(answer)
+    expected = ViewGeometry.for_volume(volume, 112).anchor_from_answer(parsed, volume.num_slices)
+
+    # 1. Find evidence: the reasoning surfaces, one ROI per box on the key slice, exactly the answer's boxes.
+    before = set(mm.node_ids(scene))
+    session.start_find_evidence(node, FLOW_QUERY, settings)
+    found = session.wait(timeout=300)
+    assert found.status == "ok", found.message
+    assert found.reasoning == "left kidney" and found.raw_text == answer
+    assert found.anchor == expected and found.anchor.slice_index == parsed.slice_index
+    assert session.grounding.raw_text == answer and session.grounding.slices == (0, 5, 10, 15)
+    rois = mm.evidence_rois(scene, node)
+    assert rois == found.rois and [r.GetName() for r in rois] == [f"Evidence {n + 1}" for n in range(len(expected.boxes))]
+    assert set(mm.node_ids(scene)) - before == {r.GetID() for r in rois} | {r.GetDisplayNode().GetID() for r in rois}
+    for roi, box in zip(rois, expected.boxes):
+        lo, hi = box_ras_bounds(volume.ijk_to_ras, expected.slice_index, box)
+        bounds = [0.0] * 6
+        roi.GetRASBounds(bounds)
+        np.testing.assert_allclose(bounds, [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]], atol=1e-4)
+    # The box covers the kidney on the key slice (voxel -> answer pixels -> voxel lost nothing).
+    jj, ii = np.nonzero(kidney[expected.slice_index])
+    i0, j0, i1, j1 = expected.boxes[0].voxel_range(volume.shape[1:])
+    assert i0 <= ii.min() and ii.max() <= i1 and j0 <= jj.min() and jj.max() <= j1
+    # Where the panel jumps: the key slice's plane, on an axial slice view.
+    assert round(float(volume.ijk_from_ras(found.key_ras)[2]), 6) == expected.slice_index
+    view_scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(view_scene)
+    red = view_scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+    red.SetOrientationToAxial()
+    mm.jump_slice_node(red, found.key_ras)
+    assert red.GetSliceOffset() == pytest.approx(volume.ras_from_ijk([0, 0, expected.slice_index])[2], abs=1e-4)
+
+    # 2. Segment (from the ROIs on screen): a segment named after the target, voxel for voxel the pipeline's mask.
+    vlm_calls = []
+    hook = session._pipeline(settings).grounder.model.register_forward_hook(lambda *args: vlm_calls.append(1))
+    timer = ManualTimer()
+    watcher = RoiEditWatcher(session.on_roi_edited, timer)
+    watcher.watch(found.rois)  # as the panel does after each outcome
+    session.start_segment(node, FLOW_QUERY, settings)
+    segmented = session.wait(timeout=300)
+    assert segmented.status == "ok", segmented.message
+    assert _same_anchor(segmented.anchor, expected) and mm.evidence_rois(scene, node) == rois  # ROIs round-tripped (to 1e-6 voxel)
+    segmentation = session.segmentation_node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1 and segmentation.GetSegment(segmented.segment_id).GetName() == "left kidney"
+    exported = mm.segment_array(scene, session.segmentation_node, segmented.segment_id, node)
+    assert int(exported.sum()) == segmented.voxels == session.result.voxel_count
+    np.testing.assert_array_equal(exported, volume.to_source_array(session.result.mask))
+    assert timer.starts == 0  # re-placing the ROIs from the result is not a user edit
+    propagator = session._pipeline(settings).propagator
+    encoded = propagator.encoded_frames
+    assert encoded >= volume.num_slices
+
+    # 3. The user drags Evidence 1 one slice up: one debounced request, one re-propagation, no re-encoding, no VLM.
+    center, _ = mm.roi_center_size(rois[0])
+    rois[0].SetCenter(center[0], center[1], center[2] + volume.spacing[2])
+    rois[0].InvokeEvent(rois[0].PointEndInteractionEvent)
+    assert session.reprop_requests == 0
+    timer.fire()
+    assert session.reprop_requests == 1 and session.busy
+    moved = session.wait(timeout=300)
+    assert moved.status == "ok", moved.message
+    assert moved.anchor.slice_index == expected.slice_index + 1 and _same_anchor(moved.anchor, expected, slice_shift=1)
+    assert vlm_calls == []  # neither Segment-from-ROIs nor the re-propagation asked the VLM again
+    assert propagator.encoded_frames == encoded  # cached features reused
+    assert segmentation.GetNumberOfSegments() == 1
+    np.testing.assert_array_equal(
+        mm.segment_array(scene, session.segmentation_node, moved.segment_id, node), volume.to_source_array(session.result.mask)
+    )
+    timer.fire()
+    assert timer.starts == 1 and session.reprop_requests == 1 and not session.busy  # our own ROI update did not re-trigger
+    watcher.clear()
+    hook.remove()
     mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
