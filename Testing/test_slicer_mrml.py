@@ -456,7 +456,6 @@ def test_segment_from_rois_then_a_drag_repropagates_once(scene, sample_volume, m
         mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(session.result.mask)
     )
     watcher.clear()
-    hook.remove()
     mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
 
 
