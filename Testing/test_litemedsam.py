@@ -32,7 +32,7 @@ def _label(sample_ct, name: str) -> int:
 @pytest.fixture(scope="module")
 def propagator(sample_volume):
     torch.set_num_threads(2)
-    prop = LiteMedSAMPropagator(batch_size=4)
+    prop = LiteMedSAMPropagator()
     prop.prepare(sample_volume)
     return prop
 

