@@ -107,6 +107,7 @@ def run_demo(out_dir: Path, targets: Optional[Sequence[str]] = None, with_ground
         _say(f"  {name:14s} Dice {record['dice']:.3f}  NSD@2mm {record['nsd_2mm']:.3f}  {record['mask_ml']} ml vs {record['reference_ml']} ml  ({record['seconds']} s)")
     if with_grounder:
         scores["query_demo"] = _query_demo(volume, pipeline, out_dir)
+        scores["answering_fixture_demo"] = _answering_fixture_demo(volume, labels, by_target, pipeline, out_dir)
     atomic_write(out_dir / "demo_summary.json", lambda tmp: Path(tmp).write_text(json.dumps(scores, indent=2)))
     _say(f"\noutputs in {out_dir}/ (mask.nii.gz on the input grid, evidence.json, evidence.png per target)")
     return scores
@@ -136,6 +137,34 @@ def _query_demo(volume, pipeline, out_dir: Path) -> dict:
     write_outputs(result, out_dir / "query_demo", {"grounder": query_pipeline.grounder.describe()})
     _say(f"  {DEMO_QUERY!r} -> slice {result.anchor.slice_index}, {len(result.anchor.boxes)} box(es), {result.volume_ml:.1f} ml")
     return {"query": DEMO_QUERY, "status": "ok", "slice": result.anchor.slice_index, "mask_ml": round(result.volume_ml, 2)}
+
+
+def _answering_fixture_demo(volume, labels, by_target, pipeline, out_dir: Path) -> dict:
+    """The same query path completed: a tiny model TAUGHT the GT answer for this one prompt (a wiring fixture).
+
+    It shows what a valid answer becomes (anchor -> 3D mask -> files); it has learned no anatomy.
+    """
+    from .fixtures.answering_qwen import build_answering_tiny_qwen
+    from .metrics import dice
+    from .outputs import write_outputs
+    from .pipeline import Pipeline, PipelineConfig
+    from .sample_data import cache_dir
+
+    sample = by_target["gallbladder"]
+    answer = sample.answer_text(think="The gallbladder lies under the liver on the patient's right; one box.")
+    model_dir = build_answering_tiny_qwen(cache_dir() / "answering-tiny-qwen-gallbladder", volume=volume, query=DEMO_QUERY,
+                                          answer_text=answer, slices=sample.shown_slices, image_size=sample.image_size)
+    _say("\nSame path with a tiny model TAUGHT the reference answer for this prompt (wiring fixture, no anatomy learned):")
+    answering = Pipeline(PipelineConfig(model=str(model_dir), propagator="litemedsam", device="cpu",
+                                        num_views=len(sample.shown_slices), image_size=sample.image_size),
+                         propagator=pipeline.propagator)
+    result = answering.segment(volume, DEMO_QUERY, progress=_progress("taught query"))
+    truth = np.isin(labels, sample.label_values)
+    score = round(float(dice(result.mask > 0, truth)), 3)
+    write_outputs(result, out_dir / "answering_fixture_demo", {"grounder": answering.grounder.describe(), "note": "wiring fixture"})
+    _say(f"  {DEMO_QUERY!r} -> reasoning {result.grounding.reasoning!r}; slice {result.anchor.slice_index}; "
+         f"gallbladder Dice {score} ({result.volume_ml:.1f} ml)")
+    return {"query": DEMO_QUERY, "slice": result.anchor.slice_index, "dice_gallbladder": score}
 
 
 def _progress(label: str):
