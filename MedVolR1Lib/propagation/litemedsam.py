@@ -13,7 +13,6 @@ Preprocessing follows the official LiteMedSAM inference: window to [0, 1], resiz
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..anchor import EvidenceAnchor, VoxelBox
 from ..errors import CheckpointError, DeviceError
+from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
@@ -156,11 +156,7 @@ class LiteMedSAMPropagator(Propagator):
 
     def describe(self) -> dict:
         if self._sha256 is None:
-            digest = hashlib.sha256()
-            with open(self.checkpoint, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-            self._sha256 = digest.hexdigest()
+            self._sha256 = file_sha256(self.checkpoint)
         return {
             "name": self.name,
             "checkpoint": str(self.checkpoint),

@@ -15,7 +15,6 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import warnings
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from ..anchor import EvidenceAnchor
 from ..errors import AnchorError, CheckpointError, DeviceError
+from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, window_volume
@@ -246,14 +246,6 @@ class _StopRule:
         return not (self.enabled and self.misses >= self.patience)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _summarise_keys(keys: Sequence[str], limit: int = 5) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:limit])
@@ -387,7 +379,7 @@ class MedSAM2Propagator(Propagator):
 
     def describe(self) -> dict:
         if self._sha256 is None:
-            self._sha256 = _file_sha256(self.checkpoint)
+            self._sha256 = file_sha256(self.checkpoint)
         return {
             "name": self.name,
             "checkpoint": str(self.checkpoint),
