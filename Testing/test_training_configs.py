@@ -1,0 +1,57 @@
+"""Every shipped training config parses into the script's dataclasses (a typo would otherwise surface on a GPU server).
+
+GPU configs are parsed with bf16 off and the CPU forced, the only overrides a machine without CUDA needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
+CPU_OVERRIDES = ["--bf16", "false", "--use_cpu", "true", "--report_to", "none"]
+
+
+def _parser(stage: str):
+    from trl import GRPOConfig, SFTConfig, TrlParser
+
+    from MedVolR1Lib.training.config import PolicyArguments, RewardArguments, VRSDataArguments
+    from MedVolR1Lib.training.evaluate import EvalArguments
+    from MedVolR1Lib.training.prepare import PrepareArguments
+
+    classes = {
+        "prepare": (PrepareArguments,),
+        "sft": (VRSDataArguments, PolicyArguments, SFTConfig),
+        "grpo": (VRSDataArguments, PolicyArguments, RewardArguments, GRPOConfig),
+        "evaluate": (EvalArguments,),
+    }[stage]
+    return TrlParser(classes)
+
+
+def _parse(config: Path, stage: str):
+    from MedVolR1Lib.training.config import stage_argv
+
+    extra = CPU_OVERRIDES if stage in ("sft", "grpo") else []
+    return _parser(stage).parse_args_and_config(stage_argv(stage, ["--config", str(config), *extra]))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_stage_parses(config):
+    sections = yaml.safe_load(config.read_text())
+    for stage in ("prepare", "sft", "grpo", "evaluate"):
+        if stage in sections:
+            parsed = _parse(config, stage)
+            assert parsed, stage
+    if "grpo" in sections:
+        grpo = _parse(config, "grpo")[-1]
+        assert grpo.per_device_train_batch_size % grpo.num_generations == 0
+
+
+def test_a_misspelled_key_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"grpo": {"output_dir": str(tmp_path), "num_generation": 8}}))
+    with pytest.raises((ValueError, SystemExit)):
+        _parse(bad, "grpo")
