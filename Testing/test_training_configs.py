@@ -50,6 +50,15 @@ def test_every_stage_parses(config):
         assert grpo.per_device_train_batch_size % grpo.num_generations == 0
 
 
+def test_vllm_generation_is_a_flag_away():
+    from MedVolR1Lib.training.config import stage_argv
+
+    config = REPO / "Training" / "configs" / "qwen2.5-vl-7b.yaml"
+    argv = stage_argv("grpo", ["--config", str(config), *CPU_OVERRIDES, "--use_vllm", "true", "--vllm_mode", "colocate"])
+    grpo = _parser("grpo").parse_args_and_config(argv)[-1]
+    assert grpo.use_vllm and grpo.vllm_mode == "colocate"
+
+
 def test_a_misspelled_key_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"grpo": {"output_dir": str(tmp_path), "num_generation": 8}}))
