@@ -7,6 +7,7 @@ package so they are tested without the Slicer application.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -129,6 +130,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._watcher = None
         self._pollTimer = None
+        self._syncingCombos = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -156,8 +158,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findEvidenceButton.connect("clicked(bool)", self.onFindEvidence)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.propagatorComboBox.connect("currentIndexChanged(int)", self.onComboChanged)
-        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onComboChanged)
+        self.ui.propagatorComboBox.connect("currentIndexChanged(int)", self.onPropagatorChanged)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.modelLineEdit, folder=True))
         self.ui.adapterBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.adapterLineEdit, folder=True))
         self.ui.samCheckpointBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.samCheckpointLineEdit, folder=False))
@@ -212,13 +214,26 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------------------------------------- GUI state
     def _syncCombos(self) -> None:
-        for combo, value in ((self.ui.propagatorComboBox, self._parameterNode.propagator), (self.ui.deviceComboBox, self._parameterNode.device)):
-            index = combo.findText(value)
-            combo.setCurrentIndex(index if index >= 0 else 0)
+        """Parameter node -> combo boxes.  Not bound by connectGui: QComboBoxToStringableConnector needs a fixed
+        Choice annotation, and the device list depends on this machine.  Signals are ignored while syncing, or
+        setting the first combo would write the second combo's stale text back into the parameter node."""
+        self._syncingCombos = True
+        try:
+            for combo, value in ((self.ui.propagatorComboBox, self._parameterNode.propagator), (self.ui.deviceComboBox, self._parameterNode.device)):
+                index = combo.findText(value)
+                combo.setCurrentIndex(index if index >= 0 else 0)
+        finally:
+            self._syncingCombos = False
+        # A saved value this machine lacks (e.g. 'cuda' in a scene from another computer) falls back to the first item.
+        self.onPropagatorChanged()
+        self.onDeviceChanged()
 
-    def onComboChanged(self, _index=None) -> None:
-        if self._parameterNode:
+    def onPropagatorChanged(self, _index=None) -> None:
+        if self._parameterNode and not self._syncingCombos and self._parameterNode.propagator != self.ui.propagatorComboBox.currentText:
             self._parameterNode.propagator = self.ui.propagatorComboBox.currentText
+
+    def onDeviceChanged(self, _index=None) -> None:
+        if self._parameterNode and not self._syncingCombos and self._parameterNode.device != self.ui.deviceComboBox.currentText:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
 
     def _updateButtons(self, caller=None, event=None) -> None:
@@ -238,8 +253,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose the MedSAM2 checkpoint"), start, "PyTorch checkpoint (*.pt *.pth)")
         if path:
-            lineEdit.text = path
-            lineEdit.editingFinished()  # let the parameter node binding see it
+            lineEdit.text = path  # emits textChanged, which QLineEditToStrConnector observes
 
     def _setBusy(self, busy: bool, message: str = "") -> None:
         self.ui.progressBar.setVisible(busy)
@@ -255,7 +269,12 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------------------------ actions
     def _start(self, action: str) -> None:
         settings = self.logic.settingsFrom(self._parameterNode)
-        if not self.logic.ensureDependencies(settings):
+        try:
+            installed = self.logic.ensureDependencies(settings)
+        except (RuntimeError, deps.UnsupportedPython) as exc:  # pip/light-the-torch failure, Python too old
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1: install dependencies"))
+            return
+        if not installed:
             self.ui.statusLabel.text = _("Missing Python packages: not installed, nothing was run")
             return
         volumeNode, query = self._parameterNode.inputVolume, self._parameterNode.query
@@ -355,7 +374,7 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------------------------------ dependencies
     def ensureDependencies(self, settings: PanelSettings, confirm: bool = True) -> bool:
         """Install what is missing after the user agrees; never downloads during tests."""
-        missing = deps.missing_requirements(settings.propagator)
+        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
         if not missing:
             return True
         names = ", ".join(r.import_name for r in missing)
@@ -382,7 +401,8 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
                             os.environ.pop(key, None)
                         else:
                             os.environ[key] = value
-        return not deps.missing_requirements(settings.propagator)
+        importlib.invalidate_caches()  # packages installed by a subprocess are found by find_spec at once
+        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
 
     @staticmethod
     def _installTorch() -> None:
@@ -392,7 +412,13 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
             raise RuntimeError("MedVol-R1 needs the PyTorch extension: install 'PyTorch' from the Extensions Manager") from exc
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.4")
+            # PyTorchUtilsLogic.installTorch(askConfirmation, forceComputationBackend, torchVersionRequirement,
+            # torchvisionVersionRequirement): light-the-torch picks the build matching the NVIDIA driver.
+            torch = torchLogic.installTorch(
+                askConfirmation=False,
+                torchVersionRequirement=deps.TORCH_VERSION_REQUIREMENT,
+                torchvisionVersionRequirement=deps.TORCHVISION_VERSION_REQUIREMENT,
+            )
             if torch is None:
                 raise RuntimeError("PyTorch was not installed; MedVol-R1 cannot run without it")
 
