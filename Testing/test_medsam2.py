@@ -284,3 +284,31 @@ def test_cuda_without_cuda_is_a_device_error(micro):
         MedSAM2Propagator(path, hydra_overrides=overrides, device="cuda")
     with pytest.raises(DeviceError):
         MedSAM2Propagator(path, hydra_overrides=overrides, device="tpu")
+
+
+def test_dtype_auto_follows_the_hardware(monkeypatch):
+    import MedVolR1Lib.propagation.medsam2 as m
+
+    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: False)
+    assert m.resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert m.resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
+    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
+    assert m.resolve_dtype("auto", torch.device("cpu")) == "bfloat16"
+    assert m.resolve_dtype("float32", torch.device("cpu")) == "float32"
+    with pytest.raises(DeviceError, match="unknown dtype"):
+        m.resolve_dtype("float16", torch.device("cpu"))
+
+
+def test_float32_and_bfloat16_tracking_agree(micro, volume):
+    """bf16 autocast (the CPU 'auto' where bf16 is native) must not change the masks materially."""
+    path, overrides = micro
+    masks = {}
+    for dt in ("float32", "bfloat16"):
+        p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", dtype=dt, stop_when_absent=False)
+        assert p.describe()["dtype"] == dt
+        p.prepare(volume)
+        masks[dt] = p.propagate(TWO_BOXES) > 0
+    a, b = masks["float32"], masks["bfloat16"]
+    assert a.any()
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert dice > 0.98, dice  # measured 0.996 on this micro model's near-zero random logits

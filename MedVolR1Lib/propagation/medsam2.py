@@ -15,6 +15,7 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections import OrderedDict
@@ -252,6 +253,27 @@ def _summarise_keys(keys: Sequence[str], limit: int = 5) -> str:
     return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AMX-BF16 or AVX512-BF16): there bf16 autocast made CPU tracking
+    and encoding ~1.7x faster (bench/gpu_bench_medsam2.py); elsewhere bf16 is emulated and only adds casts.
+    Reads the Linux /proc/cpuinfo flags; any other OS answers False (float32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return False
+    return any(name in flags.split() for name in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> bfloat16 on CUDA and on CPUs with native bf16, else float32; other values are checked."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" or cpu_has_native_bf16() else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise DeviceError(f"unknown dtype {dtype!r}; use 'auto', 'bfloat16' or 'float32'")
+    return dtype
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available else cpu; 'cuda' without CUDA -> DeviceError."""
     if device == "auto":
@@ -290,7 +312,8 @@ class MedSAM2Propagator(Propagator):
         keep_logits: bool = False,
     ):
         """checkpoint: MedSAM2_latest.pt (a {"model": state_dict} file); hydra_overrides are added after the
-        MedSAM2 ones (the micro test model uses them); dtype 'auto' = bf16 autocast on CUDA, float32 on CPU."""
+        MedSAM2 ones (the micro test model uses them); dtype 'auto' = bf16 autocast on CUDA and on CPUs with native
+        bf16 (masks vs float32 on random weights: Dice 0.996, see docs/benchmarks.md), float32 elsewhere."""
         self.checkpoint = Path(checkpoint).expanduser()
         if not self.checkpoint.is_file():
             raise CheckpointError(
@@ -300,11 +323,7 @@ class MedSAM2Propagator(Propagator):
                 "or use the LiteMedSAM propagator, which needs no download"
             )
         self.device = resolve_device(device)
-        if dtype == "auto":
-            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        if dtype not in ("bfloat16", "float32"):
-            raise DeviceError(f"unknown dtype {dtype!r}; use 'auto', 'bfloat16' or 'float32'")
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype, self.device)
         self.config = config
         self.overrides = [*base_overrides, *hydra_overrides]
         self.window = window
@@ -502,7 +521,9 @@ class MedSAM2Propagator(Propagator):
         total = (hi - key + 1) + (key - lo)
         done = [0]
         directions = [("forward", hi)] + ([("reverse", lo)] if key > lo else [])
-        with torch.inference_mode(), self._autocast():
+        # no_grad, not inference_mode: under inference_mode autocast never caches its bf16 weight copies, so every
+        # linear re-cast its weight on every frame (measured: ~20% of bf16 CPU tracking time was such copies)
+        with torch.no_grad(), self._autocast():
             for direction, last in directions:
                 self._track(anchor, key, last, direction, trace, per_object, progress, done, total)
         self.last_trace = trace
