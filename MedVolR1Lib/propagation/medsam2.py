@@ -282,7 +282,7 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError(
                 f"device {device!r} was asked for MedSAM2 but CUDA is not available here; "
-                "use device='cpu' (slow: about 0.8 s per slice) or the LiteMedSAM propagator"
+                "use device='cpu' (slow: about 0.3-0.5 s per slice at 512 px) or the LiteMedSAM propagator"
             )
         return torch.device(device)
     if device == "cpu":
