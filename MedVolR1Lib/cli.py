@@ -248,7 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (MedVolR1Error, ValueError) as exc:
         print(f"medvolr1 {args.command}: error: {exc}", file=sys.stderr)
         raw = getattr(exc, "raw_text", None)
-        if raw:
+        if raw and "Raw output" not in str(exc):
             print(f"raw model output: {raw[:2000]!r}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
