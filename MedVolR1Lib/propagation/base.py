@@ -12,8 +12,20 @@ from typing import Optional
 import numpy as np
 
 from ..anchor import EvidenceAnchor
+from ..errors import AnchorError
 from ..progress import ProgressCallback
 from ..volume import Volume
+
+
+def resolve_slice_range(slice_range: Optional[tuple[int, int]], num_slices: int, key: int) -> tuple[int, int]:
+    """Inclusive (lo, hi) clipped to the volume; AnchorError when the key slice lies outside it."""
+    if slice_range is None:
+        return 0, num_slices - 1
+    lo, hi = (int(v) for v in slice_range)
+    lo, hi = max(0, lo), min(num_slices - 1, hi)
+    if not lo <= key <= hi:
+        raise AnchorError(f"key slice {key} lies outside the slice range [{lo}, {hi}]")
+    return lo, hi
 
 
 class Propagator(ABC):

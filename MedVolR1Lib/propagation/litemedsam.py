@@ -26,7 +26,7 @@ from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
-from .base import Propagator
+from .base import Propagator, resolve_slice_range
 from .box_tracking import TrackingRules, track_object
 
 IMAGE_SIZE = 256
@@ -284,7 +284,7 @@ class LiteMedSAMPropagator(Propagator):
             raise RuntimeError("call prepare(volume) before propagate(anchor)")
         shape = self._volume.shape
         anchor = anchor.validate(shape).clipped(shape)
-        lo, hi = _check_range(slice_range, shape[0], anchor.slice_index)
+        lo, hi = resolve_slice_range(slice_range, shape[0], anchor.slice_index)
         out = np.zeros(shape, dtype=np.uint8)
         span = hi - lo + 1
         self.last_stops = []
@@ -307,18 +307,6 @@ class LiteMedSAMPropagator(Propagator):
             self.last_stops.append((track.stop_down, track.stop_up))
         report(progress, 1.0, "propagation done")
         return out
-
-
-def _check_range(slice_range, num_slices: int, key: int) -> tuple[int, int]:
-    from ..errors import AnchorError
-
-    if slice_range is None:
-        return 0, num_slices - 1
-    lo, hi = (int(v) for v in slice_range)
-    lo, hi = max(0, lo), min(num_slices - 1, hi)
-    if not lo <= key <= hi:
-        raise AnchorError(f"key slice {key} lies outside slice_range {tuple(slice_range)}")
-    return lo, hi
 
 
 def _resolve_precision(precision: str, device) -> str:

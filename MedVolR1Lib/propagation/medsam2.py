@@ -30,12 +30,12 @@ from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
 from ..anchor import EvidenceAnchor
-from ..errors import AnchorError, CheckpointError, DeviceError
+from ..errors import CheckpointError, DeviceError
 from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, window_volume
-from .base import Propagator
+from .base import Propagator, resolve_slice_range
 
 MEDSAM2_URL = "https://huggingface.co/wanglab/MedSAM2"
 MEDSAM2_FILENAME = "MedSAM2_latest.pt"
@@ -493,10 +493,7 @@ class MedSAM2Propagator(Propagator):
         shape = self._volume.shape
         anchor = anchor.validate(shape).clipped(shape)
         key = int(anchor.slice_index)
-        lo, hi = (0, shape[0] - 1) if slice_range is None else (int(slice_range[0]), int(slice_range[1]))
-        lo, hi = max(lo, 0), min(hi, shape[0] - 1)
-        if not lo <= key <= hi:
-            raise AnchorError(f"key slice {key} lies outside the slice range [{lo}, {hi}]")
+        lo, hi = resolve_slice_range(slice_range, shape[0], key)
         try:
             return self._propagate(anchor, key, lo, hi, merge, progress)
         except torch.OutOfMemoryError:
