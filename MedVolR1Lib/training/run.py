@@ -58,14 +58,7 @@ def run_sft(data: VRSDataArguments, policy: PolicyArguments, config) -> str:
     dataset = sft_dataset(records, store, think=data.think, blank=data.blank_images)
     model, processor, model_path = load_policy_for(policy, config)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
-    trainer.train(resume_from_checkpoint=resolve_resume(data.resume, config.output_dir))
-    trainer.save_model(config.output_dir)
-    processor.save_pretrained(config.output_dir)
-    write_manifest(
-        config.output_dir, stage="sft", base_model=model_path, start_adapter=policy.adapter_path, lora=policy.use_lora,
-        records=len(records), data_dir=data.data_dir, global_step=trainer.state.global_step,
-    )
-    return config.output_dir
+    return _train_and_save(trainer, processor, "sft", data, policy, config, model_path, len(records))
 
 
 def load_policy_for(policy: PolicyArguments, config):
@@ -127,12 +120,17 @@ def run_grpo(data: VRSDataArguments, policy: PolicyArguments, rewards: RewardArg
     trainer = GRPOTrainer(
         model=model, reward_funcs=funcs, args=config, train_dataset=dataset, processing_class=processor, callbacks=callbacks
     )
+    return _train_and_save(trainer, processor, "grpo", data, policy, config, model_path, len(records),
+                           reward_functions=[f.__name__ for f in funcs], reward_weights=weights)
+
+
+def _train_and_save(trainer, processor, stage: str, data, policy, config, model_path, num_records: int, **extra) -> str:
+    """Train (resuming when asked), save adapter + processor, then the manifest evaluation reads."""
     trainer.train(resume_from_checkpoint=resolve_resume(data.resume, config.output_dir))
     trainer.save_model(config.output_dir)
     processor.save_pretrained(config.output_dir)
     write_manifest(
-        config.output_dir, stage="grpo", base_model=model_path, start_adapter=policy.adapter_path, lora=policy.use_lora,
-        records=len(records), data_dir=data.data_dir, global_step=trainer.state.global_step,
-        reward_functions=[f.__name__ for f in funcs], reward_weights=weights,
+        config.output_dir, stage=stage, base_model=model_path, start_adapter=policy.adapter_path, lora=policy.use_lora,
+        records=num_records, data_dir=data.data_dir, global_step=trainer.state.global_step, **extra,
     )
     return config.output_dir
