@@ -16,8 +16,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 
 class Timer:
     def __init__(self):
@@ -45,40 +43,13 @@ def prepare(out: Path, views: int, size: int):
 
 
 def bench_coherence(data: Path, window: int, group: int = 8) -> dict:
-    """One propagation from scratch vs the coherence reward of a group sharing the case (fresh propagators)."""
-    from MedVolR1Lib.anchor import format_answer
+    """One propagation from scratch vs the coherence reward of a group sharing the case (fresh LiteMedSAM
+    propagators); the measurement itself is gpu_bench_grpo's, here on the CPU."""
+    from gpu_bench_grpo import coherence_group_cost  # bench/ is this script's folder, first on sys.path
+
     from MedVolR1Lib.propagation.factory import build_propagator
-    from MedVolR1Lib.rewards import make_coherence_reward
-    from MedVolR1Lib.training.evaluate import oracle_guess
-    from MedVolR1Lib.training.records import read_records
-    from MedVolR1Lib.training.store import VolumeStore
 
-    record = next(r for r in read_records(data / "train.jsonl") if r.target == "kidneys")
-    store = VolumeStore.from_dir(data)
-    volume = store.volume(record.case_id)
-    anchor = oracle_guess(record).anchor
-    k = anchor.slice_index
-    z = (max(0, k - window), min(volume.num_slices - 1, k + window))
-
-    single = build_propagator("litemedsam", device="cpu")
-    start = time.perf_counter()
-    single.prepare(volume)
-    single.propagate(anchor, merge=True, slice_range=z)
-    one = time.perf_counter() - start
-
-    rng = np.random.default_rng(0)
-    completions = [
-        format_answer(record.gt_slice, [[v + rng.uniform(-3, 3) for v in box] for box in record.gt_boxes], think="t") for _ in range(group)
-    ]
-    reward = make_coherence_reward(build_propagator("litemedsam", device="cpu"), store.resolve, window=window)
-    target = record.reward_target().to_json()
-    start = time.perf_counter()
-    scores = reward(prompts=[None] * group, completions=completions, reward_target=[target] * group)
-    grouped = time.perf_counter() - start
-    return {
-        "one_propagation_s": one, f"group_of_{group}_s": grouped, "ratio": grouped / one,
-        "prepare_calls": reward.scorer.prepare_calls, "scores": [round(s, 3) for s in scores], "window": window,
-    }
+    return coherence_group_cost(data, lambda: build_propagator("litemedsam", device="cpu"), lambda: None, window, group)
 
 
 def bench_steps(data: Path, steps: int, window: int, out: Path) -> dict:
@@ -134,7 +105,7 @@ def main() -> None:
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result, indent=1))
     c = result["coherence"]
-    print(f"coherence reward for a group of 8 / one propagation: {c['ratio']:.2f}x (target < 2x), prepare calls {c['prepare_calls']}")
+    print(f"coherence reward for a group of 8 / one propagation: {c['group_over_one']:.2f}x (target < 2x), prepare calls {c['prepare_calls']}")
 
 
 if __name__ == "__main__":
