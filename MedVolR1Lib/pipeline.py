@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .anchor import EvidenceAnchor
+from .evidence import Evidence
 from .errors import AnchorError
 from .progress import ProgressCallback, report
 from .propagation.base import Propagator
@@ -40,12 +41,17 @@ class SegmentationResult:
     """Everything the user sees and every output file is written from."""
 
     volume: Volume
-    anchor: EvidenceAnchor
+    anchor: EvidenceAnchor  # the first anchor (the VLM's, or the user's first box)
     mask: np.ndarray  # canonical (K, J, I) uint8
     query: Optional[str] = None
     grounding: Optional[object] = None  # grounder.GroundingResult when a VLM chose the anchor
     timings: dict[str, float] = field(default_factory=dict)
     target_name: str = "target"
+    evidence: Optional[Evidence] = None  # every anchor, extent limit and point (None: just `anchor`)
+
+    def __post_init__(self) -> None:
+        if self.evidence is None:
+            self.evidence = Evidence.single(self.anchor)
 
     @property
     def voxel_count(self) -> int:
@@ -126,35 +132,38 @@ class Pipeline:
     def propagate(
         self,
         volume: Volume,
-        anchor: EvidenceAnchor,
+        evidence: "Evidence | EvidenceAnchor",
         progress: Optional[ProgressCallback] = None,
         query: Optional[str] = None,
     ) -> SegmentationResult:
-        """Segment from a given anchor (VLM's or the user's); no VLM involved."""
-        if anchor is None:
+        """Segment from given evidence (the VLM's anchor or the user's corrections); no VLM involved."""
+        if evidence is None:
             raise AnchorError("no evidence anchor to propagate")
-        anchor = anchor.validate(volume.shape).clipped(volume.shape)
+        evidence = Evidence.coerce(evidence).validate(volume.shape).clipped(volume.shape)
+        if len(evidence.anchors) > 1 or evidence.points:
+            raise AnchorError("several anchors or points need the multi-anchor propagation (not in this build yet)")
         propagator = self.propagator
         start = time.perf_counter()
         propagator.prepare(volume, progress=_scaled(progress, 0.0, 0.3))
         prepared = time.perf_counter()
-        mask = propagator.propagate(anchor, merge=True, progress=_scaled(progress, 0.3, 1.0))
+        mask = propagator.propagate(evidence.primary, merge=True, slice_range=evidence.z_range, progress=_scaled(progress, 0.3, 1.0))
         done = time.perf_counter()
         report(progress, 1.0, "done")
         return SegmentationResult(
             volume=volume,
-            anchor=anchor,
+            anchor=evidence.primary,
             mask=np.asarray(mask, dtype=np.uint8),
             query=query,
             timings={"prepare_s": prepared - start, "propagation_s": done - prepared},
             target_name=target_name_from_query(query),
+            evidence=evidence,
         )
 
     def repropagate(
-        self, result: SegmentationResult, anchor: EvidenceAnchor, progress: Optional[ProgressCallback] = None
+        self, result: SegmentationResult, evidence: "Evidence | EvidenceAnchor", progress: Optional[ProgressCallback] = None
     ) -> SegmentationResult:
-        """After the user edits the evidence: same volume, cached features, new anchor."""
-        updated = self.propagate(result.volume, anchor, progress=progress, query=result.query)
+        """After the user edits the evidence: same volume, cached features, new evidence."""
+        updated = self.propagate(result.volume, evidence, progress=progress, query=result.query)
         return replace(updated, grounding=result.grounding, target_name=result.target_name)
 
 

@@ -23,6 +23,9 @@ class PanelSettings:
     propagator: str = "auto"
     sam_checkpoint: str = ""
     device: str = "auto"
+    server_url: str = ""  # "" = models run in a local worker process; else http://HOST:PORT of `medvolr1 serve`
+    server_token_file: str = ""  # file holding the server's access token (required for non-loopback servers)
+    python_executable: str = ""  # interpreter for the local worker; "" = Slicer's own PythonSlicer / sys.executable
 
     def to_config(self):
         from MedVolR1Lib.pipeline import PipelineConfig

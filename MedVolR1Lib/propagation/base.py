@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..anchor import EvidenceAnchor
+from ..evidence import Evidence
 from ..errors import AnchorError
 from ..progress import ProgressCallback
 from ..volume import Volume
@@ -40,16 +41,19 @@ class Propagator(ABC):
     @abstractmethod
     def propagate(
         self,
-        anchor: EvidenceAnchor,
+        evidence: "Evidence | EvidenceAnchor",
         *,
         merge: bool = True,
         slice_range: Optional[tuple[int, int]] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> np.ndarray:
-        """Segment from the anchor up and down through the volume.
+        """Segment from the evidence up and down through the volume.
 
-        Returns uint8 (K, J, I): 0/1 when `merge`, else label b+1 for box b (later boxes win overlaps).
-        `slice_range` (inclusive) limits the work to a window around the key slice (coherence reward).
+        `evidence` is an `Evidence` (or a single `EvidenceAnchor`, see `Evidence.coerce`): between two anchors
+        each slice takes the prediction tracked from the nearer anchor; beyond the outermost anchors tracking
+        goes outward; nothing passes `evidence.z_range`; points are for backends that take them (others raise
+        AnchorError). Returns uint8 (K, J, I): 0/1 when `merge`, else label b+1 for box b of the first anchor
+        (later boxes win overlaps). `slice_range` (inclusive) limits the work to a window (coherence reward).
         """
 
     def describe(self) -> dict:
