@@ -33,7 +33,7 @@ class _Bar:
 
 
 def _load(volume_arg: str, modality: Optional[str] = None):
-    from .volume import load_volume
+    from .readers import load_volume
 
     if volume_arg == SAMPLE:
         from .sample_data import fetch_sample
@@ -76,7 +76,7 @@ def _reference_scores(result, reference: Optional[str], labels: Sequence[int]) -
 
     from .metrics import dice, normalized_surface_dice
     from .sample_data import fetch_sample
-    from .volume import load_label_map
+    from .readers import load_label_map
 
     path = fetch_sample().labels_path if reference == SAMPLE else reference
     label_map = load_label_map(path, result.volume)

@@ -28,7 +28,7 @@ def _say(text: str = "") -> None:
 
 def _load_sample():
     from .sample_data import fetch_sample
-    from .volume import load_label_map, load_volume
+    from .readers import load_label_map, load_volume
 
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)

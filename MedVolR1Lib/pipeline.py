@@ -18,7 +18,7 @@ from .evidence import Evidence
 from .errors import AnchorError
 from .progress import ProgressCallback, report
 from .propagation.base import Propagator
-from .volume import Volume
+from .volume import Volume, check_segmentable
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Pipeline:
         """Ask the VLM for the evidence anchor; raises GroundingError (with the raw text) on garbage."""
         if not (query or "").strip():
             raise ValueError("the query is empty: type a clinical question, e.g. 'segment the liver'")
+        check_segmentable(volume)
         return self.grounder.ground(
             volume,
             query,
@@ -139,6 +140,7 @@ class Pipeline:
         """Segment from given evidence (the VLM's anchor or the user's corrections); no VLM involved."""
         if evidence is None:
             raise AnchorError("no evidence anchor to propagate")
+        check_segmentable(volume)  # NaN/Inf or constant scans: an error, never a silent mask
         evidence = Evidence.coerce(evidence).validate(volume.shape).clipped(volume.shape)
         if len(evidence.anchors) > 1 or evidence.points:
             raise AnchorError("several anchors or points need the multi-anchor propagation (not in this build yet)")

@@ -1,5 +1,8 @@
 """One in-memory scan type for every source (NIfTI, NRRD, MHA, DICOM, M3D-Seg, Slicer node).
 
+Reading files is readers.py's job (it picks the reader by what the path is); this module only builds and
+checks Volumes from arrays, so the file readers (readers.py, m3d.py) depend on it and never the reverse.
+
 Every `Volume` holds its voxels in one canonical order, whatever the file's orientation:
 ``array[k, j, i]`` with i increasing toward the patient's LEFT, j toward POSTERIOR and k toward
 SUPERIOR (DICOM "LPS" index order).  So ``array[k]`` drawn with rows = j and columns = i is an
@@ -26,7 +29,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Canonical axis c points toward these RAS directions: i -> Left (-x), j -> Posterior (-y), k -> Superior (+z).
 _CANONICAL_SIGNS = np.array([-1.0, -1.0, 1.0])
 MODALITIES = ("CT", "MR", "ZSCORE")
-READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# A grid whose far corner lies more than this many voxels off the nearest axis-aligned grid is oblique.
+OBLIQUE_TOLERANCE_VOXELS = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ class Volume:
     modality: str = "CT"
     name: str = "volume"
     source: Optional[SourceGeometry] = None
+    # What was changed on reading, for evidence.json (e.g. {"nonfinite_filled": {...}}); empty when nothing.
+    adjustments: dict = field(default_factory=dict)
     _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +177,85 @@ def _sitk_geometry_from_affine(ijk_to_ras: np.ndarray) -> tuple[tuple, tuple, tu
     return tuple(map(float, spacing)), tuple(map(float, lps[:3, 3])), tuple(map(float, direction.ravel()))
 
 
+def oblique_angle_deg(ijk_to_ras: np.ndarray) -> float:
+    """Largest angle between a voxel axis and the patient axis nearest to it (0 for an axis-aligned grid)."""
+    directions = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    directions = directions / np.linalg.norm(directions, axis=0)
+    cosines = np.clip(np.abs(directions).max(axis=0), -1.0, 1.0)
+    return float(np.degrees(np.arccos(cosines)).max())
+
+
+def oblique_offset_voxels(ijk_to_ras: np.ndarray, shape_kji: Sequence[int]) -> float:
+    """How far (in voxels) the grid's corners lie from the nearest axis-aligned grid of the same spacing."""
+    matrix = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    spacing = np.linalg.norm(matrix, axis=0)
+    aligned = np.zeros_like(matrix)
+    for axis in range(3):
+        dim = int(np.argmax(np.abs(matrix[:, axis])))
+        aligned[dim, axis] = np.sign(matrix[dim, axis]) * spacing[axis]
+    extent = np.array([n - 1 for n in list(shape_kji)[::-1]], dtype=np.float64)  # (i, j, k) sizes
+    corners = np.array(list(itertools.product(*[(0.0, e) for e in extent])))
+    offset_mm = corners @ (matrix - aligned).T  # (8, 3) RAS mm
+    # express the offsets in voxels of the aligned grid (RAS dim d is served by the axis with spacing there)
+    dim_spacing = np.abs(aligned).sum(axis=1)
+    return float(np.abs(offset_mm / dim_spacing).max())
+
+
+def check_not_oblique(ijk_to_ras: np.ndarray, shape_kji: Sequence[int], label: str) -> None:
+    """Refuse an oblique grid, naming the angle.
+
+    Why refuse rather than resample: masks are written on the input's own grid (NIfTI, DICOM SEG frames that
+    reference the source instances); resampling would put them on another grid, or need a second, lossy
+    resampling back.  The user resamples once, knowingly, and then sees the scan the mask belongs to.
+    Direction-cosine noise (grids within half a voxel of axis-aligned everywhere) is accepted.
+    """
+    offset = oblique_offset_voxels(ijk_to_ras, shape_kji)
+    if offset > OBLIQUE_TOLERANCE_VOXELS:
+        angle = oblique_angle_deg(ijk_to_ras)
+        raise VolumeError(
+            f"{label}: the scan is oblique (a voxel axis is {angle:.2f} degrees off the patient axes, its far corner "
+            f"{offset:.1f} voxels off an axis-aligned grid); resample it to an axis-aligned grid first "
+            f"(Slicer: Crop Volume with interpolation, or SimpleITK Resample) so slices are true axial planes"
+        )
+
+
+def fill_nonfinite(array: np.ndarray, label: str, fill: bool) -> dict:
+    """Refuse NaN/Inf voxels, naming how many; with `fill`, replace them in place by the scan's minimum.
+
+    Returns the record for `Volume.adjustments` ({} when every voxel is finite).
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return {}
+    finite = np.isfinite(array)
+    count = int(finite.size - np.count_nonzero(finite))
+    if count == 0:
+        return {}
+    nan_count = int(np.count_nonzero(np.isnan(array)))
+    if not fill:
+        raise VolumeError(
+            f"{label}: {count} voxels are not finite ({nan_count} NaN, {count - nan_count} infinite) of {array.size}; "
+            f"fix the scan, or pass --fill-nonfinite to replace them with the scan's minimum"
+        )
+    if count == array.size:
+        raise VolumeError(f"{label}: all {count} voxels are NaN or infinite; there is no image to fill from")
+    value = float(array[finite].min())
+    array[~finite] = value
+    return {"nonfinite_filled": {"count": count, "nan": nan_count, "infinite": count - nan_count, "value": value}}
+
+
+def check_segmentable(volume: "Volume") -> None:
+    """Refuse a scan no mask can honestly come from: non-finite voxels, or one value everywhere.
+
+    Called by the pipeline before any model runs, so a blank export never yields a silent (empty) mask.
+    """
+    array = volume.array
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        fill_nonfinite(array, volume.name, fill=False)  # raises, naming the count
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise VolumeError(f"{volume.name}: every voxel has the value {low:g}; a constant image has nothing to segment (blank or failed export?)")
+
+
 def guess_modality(array: np.ndarray) -> str:
     """CT when air (about -1000 HU) is present, otherwise MR; callers can override."""
     return "CT" if float(np.min(array)) < -500.0 else "MR"
@@ -184,10 +269,13 @@ def volume_from_array(
     name: str = "volume",
     path: Optional[str] = None,
     sitk_geometry: Optional[tuple[tuple, tuple, tuple]] = None,
+    fill_nonfinite_voxels: bool = False,
 ) -> Volume:
     """Build a canonical Volume from an array in its own (k, j, i) order and its IJK->RAS matrix.
 
     This is the entry point for Slicer volume nodes (``arrayFromVolume`` + ``GetIJKToRASMatrix``).
+    Oblique grids and NaN/Inf voxels are refused (VolumeError); `fill_nonfinite_voxels` replaces the
+    latter by the scan's minimum instead and records it in `Volume.adjustments`.
     """
     array_kji = np.asarray(array_kji)
     if array_kji.ndim != 3:
@@ -197,6 +285,7 @@ def volume_from_array(
     ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
     if ijk_to_ras.shape != (4, 4) or abs(np.linalg.det(ijk_to_ras[:3, :3])) < 1e-12:
         raise VolumeError(f"{path or name}: IJK->RAS matrix is not an invertible 4x4 matrix")
+    check_not_oblique(ijk_to_ras, array_kji.shape, path or name)
     reo = _choose_reorientation(ijk_to_ras)
     spacing, origin, direction = sitk_geometry or _sitk_geometry_from_affine(ijk_to_ras)
     source = SourceGeometry(
@@ -209,6 +298,7 @@ def volume_from_array(
         path=path,
     )
     canonical = reo.to_canonical(array_kji, dtype=np.float32)
+    adjustments = fill_nonfinite(canonical, path or name, fill_nonfinite_voxels)
     affine = _reoriented_affine(ijk_to_ras, array_kji.shape, reo)
     return Volume(
         array=canonical,
@@ -216,56 +306,11 @@ def volume_from_array(
         modality=modality or guess_modality(canonical),
         name=name,
         source=source,
+        adjustments=adjustments,
     )
 
 
-def _check_path(path: Path) -> None:
-    if not path.exists():
-        raise VolumeError(f"{path}: file or folder not found")
-    name = path.name
-    if name.endswith(".nii.gz"):
-        sibling = path.with_name(name[: -len(".gz")])
-        if sibling.exists():
-            raise VolumeError(
-                f"{path}: a file {sibling.name} sits beside it; SimpleITK would silently read {sibling.name} "
-                f"instead. Move or rename one of the two."
-            )
-
-
-def _read_dicom_series(folder: Path):
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder)) or ()
-    if not series:
-        raise VolumeError(f"{folder}: folder holds no DICOM series")
-    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    chosen = max(files_per_series, key=lambda sid: len(files_per_series[sid]))
-    reader.SetFileNames(files_per_series[chosen])
-    return reader.Execute()
-
-
-def load_volume(path: str | os.PathLike, *, modality: Optional[str] = None) -> Volume:
-    """Read a NIfTI / NRRD / MHA file, a DICOM series folder or an M3D-Seg case folder."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    _check_path(path)
-    if path.is_dir() and (path / "image.npy").exists() or path.name == "image.npy":
-        from .m3d import load_m3d_image
-
-        return load_m3d_image(path if path.is_dir() else path.parent)
-    try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
-    except VolumeError:
-        raise
-    except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VolumeError(f"{path}: cannot read as a medical image ({first_line})") from exc
-    return volume_from_sitk(image, path=str(path), modality=modality)
-
-
-def volume_from_sitk(image, *, path: Optional[str] = None, modality: Optional[str] = None) -> Volume:
+def volume_from_sitk(image, *, path: Optional[str] = None, modality: Optional[str] = None, fill_nonfinite_voxels: bool = False) -> Volume:
     import SimpleITK as sitk
 
     label = path or "image"
@@ -288,6 +333,7 @@ def volume_from_sitk(image, *, path: Optional[str] = None, modality: Optional[st
         name=name,
         path=path,
         sitk_geometry=(spacing, origin, direction),
+        fill_nonfinite_voxels=fill_nonfinite_voxels,
     )
 
 
@@ -333,13 +379,3 @@ def save_mask(mask: np.ndarray, volume: Volume, path: str | os.PathLike) -> Path
 
     image = mask_to_sitk(mask, volume)
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, useCompression=True))
-
-
-def load_label_map(path: str | os.PathLike, volume: Volume) -> np.ndarray:
-    """Read a label image on the same grid as `volume` and return it in canonical (k, j, i) order."""
-    labels = load_volume(path, modality="MR")
-    if labels.source is None or volume.source is None or labels.source.shape_kji != volume.source.shape_kji:
-        raise VolumeError(f"{path}: label map grid {labels.shape} does not match scan {volume.shape}")
-    if not np.allclose(labels.ijk_to_ras, volume.ijk_to_ras, atol=1e-3):
-        raise VolumeError(f"{path}: label map geometry (origin/spacing/direction) differs from the scan's")
-    return np.rint(labels.array).astype(np.int32)

@@ -19,14 +19,14 @@ def sample_ct():
 
 @pytest.fixture(scope="session")
 def sample_volume(sample_ct):
-    from MedVolR1Lib.volume import load_volume
+    from MedVolR1Lib.readers import load_volume
 
     return load_volume(sample_ct.ct_path)
 
 
 @pytest.fixture(scope="session")
 def sample_labels(sample_ct, sample_volume):
-    from MedVolR1Lib.volume import load_label_map
+    from MedVolR1Lib.readers import load_label_map
 
     return load_label_map(sample_ct.labels_path, sample_volume)
 

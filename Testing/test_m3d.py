@@ -17,7 +17,7 @@ from MedVolR1Lib.m3d import (
     read_split,
     laterality_allowed,
 )
-from MedVolR1Lib.volume import load_volume
+from MedVolR1Lib.readers import load_volume
 
 X, Y, Z = 12, 10, 8
 

@@ -19,7 +19,7 @@ from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
 from MedVolR1Lib.errors import AnchorError
 from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
 from MedVolR1Lib.pipeline import Pipeline, PipelineConfig, target_name_from_query
-from MedVolR1Lib.volume import load_volume
+from MedVolR1Lib.readers import load_volume
 
 
 @pytest.fixture(scope="module")

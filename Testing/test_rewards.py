@@ -317,7 +317,7 @@ def test_oracle_curve_with_the_helper_propagator(kidneys_case):
 
 def test_gt_answers_of_the_sample_ct_score_full_marks():
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.volume import load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
 
     s = fetch_sample()
     volume = load_volume(s.ct_path)

@@ -27,7 +27,7 @@ from MedVolR1SlicerGlue.settings import PanelSettings, check_settings  # noqa: E
 
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox  # noqa: E402
 from MedVolR1Lib.errors import AnchorError, CheckpointError, DeviceError, VolumeError  # noqa: E402
-from MedVolR1Lib.volume import load_volume  # noqa: E402
+from MedVolR1Lib.readers import load_volume  # noqa: E402
 
 
 class ManualTimer:

@@ -202,7 +202,7 @@ def test_no_laterality_queries_when_orientation_is_unverified():
 @pytest.fixture(scope="module")
 def sample_ct():
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.volume import load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
 
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)

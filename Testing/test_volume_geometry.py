@@ -14,7 +14,8 @@ import SimpleITK as sitk
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_from_ras_bounds, box_ras_bounds
 from MedVolR1Lib.errors import VolumeError
 from MedVolR1Lib.views import ViewGeometry, render_views
-from MedVolR1Lib.volume import load_volume, save_mask, volume_from_array
+from MedVolR1Lib.volume import save_mask, volume_from_array
+from MedVolR1Lib.readers import load_volume
 
 LIVER, SPLEEN = 5, 1
 

@@ -41,7 +41,7 @@ def _best(fn, repeats: int = 1, warmup: bool = True) -> float:
 def _kidney():
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.targets import profile_labels
-    from MedVolR1Lib.volume import load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
 
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)

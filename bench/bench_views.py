@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from MedVolR1Lib.sample_data import fetch_sample
 from MedVolR1Lib.views import render_views
-from MedVolR1Lib.volume import load_volume
+from MedVolR1Lib.readers import load_volume
 from MedVolR1Lib.windowing import window_volume
 
 

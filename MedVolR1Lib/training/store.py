@@ -63,7 +63,7 @@ def load_case(source: CaseSource) -> LoadedCase:
     """Read a case from disk (DataError / VolumeError naming it when unusable)."""
     if source.kind == SAMPLE_CT_CASE:
         from ..sample_data import fetch_sample
-        from ..volume import load_label_map, load_volume
+        from ..readers import load_label_map, load_volume
 
         sample = fetch_sample()
         volume = load_volume(sample.ct_path)
@@ -79,7 +79,7 @@ def load_case(source: CaseSource) -> LoadedCase:
             label_map[case.masks[c]] = c + 1
         return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)})
     if source.kind == "files":
-        from ..volume import load_label_map, load_volume
+        from ..readers import load_label_map, load_volume
 
         volume = load_volume(source.image)
         labels = load_label_map(source.labels, volume)
