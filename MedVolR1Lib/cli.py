@@ -32,14 +32,14 @@ class _Bar:
         self._bar.close()
 
 
-def _load(volume_arg: str, modality: Optional[str] = None):
+def _load(volume_arg: str, modality: Optional[str] = None, fill_nonfinite: bool = False):
     from .readers import load_volume
 
     if volume_arg == SAMPLE:
         from .sample_data import fetch_sample
 
-        return load_volume(fetch_sample(progress=_Bar("sample CT")).ct_path, modality=modality)
-    return load_volume(volume_arg, modality=modality)
+        volume_arg = fetch_sample(progress=_Bar("sample CT")).ct_path
+    return load_volume(volume_arg, modality=modality, fill_nonfinite=fill_nonfinite)
 
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
@@ -89,18 +89,14 @@ def _reference_scores(result, reference: Optional[str], labels: Sequence[int]) -
 
 
 def _provenance(pipeline) -> dict:
-    record: dict = {}
-    if pipeline._grounder is not None:
-        record["grounder"] = pipeline._grounder.describe()
-    if pipeline._propagator is not None:
-        record["propagator"] = pipeline._propagator.describe()
-    return record
+    return pipeline.describe()
 
 
 def _finish(result, args, pipeline, scores: Optional[dict]) -> None:
     from .outputs import write_outputs
+    from .user_input import input_adjustments
 
-    provenance = _provenance(pipeline)
+    provenance = {**_provenance(pipeline), "input_adjustments": input_adjustments(result)}
     if scores:
         provenance["reference_scores"] = scores
     written = write_outputs(result, args.out, provenance, image_size=args.image_size)
@@ -127,17 +123,11 @@ def cmd_fetch_sample(args) -> int:
 
 
 def cmd_propagate(args) -> int:
-    from .anchor import EvidenceAnchor, VoxelBox
     from .pipeline import Pipeline
-    from .views import ViewGeometry
+    from .user_input import user_anchor
 
-    volume = _load(args.volume, args.modality)
-    geometry = ViewGeometry.for_volume(volume, args.image_size)
-    if args.box_units == "pixels":
-        boxes = tuple(geometry.to_voxel_box(b) for b in args.box)
-    else:
-        boxes = tuple(VoxelBox(*b) for b in args.box)
-    anchor = EvidenceAnchor(args.slice, boxes)
+    volume = _load(args.volume, args.modality, args.fill_nonfinite)
+    anchor = user_anchor(volume, args.slice, args.box, units=args.box_units, image_size=args.image_size)
     pipeline = Pipeline(_config(args))
     bar = _Bar("propagating")
     result = pipeline.propagate(volume, anchor, progress=bar, query=args.name)
@@ -149,7 +139,7 @@ def cmd_propagate(args) -> int:
 def cmd_segment(args) -> int:
     from .pipeline import Pipeline
 
-    volume = _load(args.volume, args.modality)
+    volume = _load(args.volume, args.modality, args.fill_nonfinite)
     pipeline = Pipeline(_config(args))
     bar = _Bar("segmenting")
     result = pipeline.segment(volume, args.query, progress=bar)
@@ -157,6 +147,18 @@ def cmd_segment(args) -> int:
     print(f"reasoning: {result.grounding.reasoning!r}", file=sys.stderr)
     _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
     return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+
+    if args.reference or args.label:
+        raise ValueError("--reference/--label score one scan; they are not available in batch")
+    summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality)
+    print(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
+                      "skipped": summary.skipped, "failed": len(summary.failures),
+                      "failures": str(summary.failures_path) if summary.failures else None}, indent=2))
+    return 1 if summary.failures else 0
 
 
 def cmd_samples(args) -> int:
@@ -192,6 +194,8 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=448, help="rendered view size in pixels (multiple of 28)")
     parser.add_argument("--reference", help="label map on the same grid to score the mask against ('sample' for the sample CT's labels)")
     parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
+    parser.add_argument("--fill-nonfinite", action="store_true",
+                        help="replace NaN/Inf voxels with the scan's minimum (recorded in evidence.json) instead of refusing the scan")
     parser.add_argument("--out", required=True, help="output folder (mask.nii.gz, evidence.json, evidence.png)")
 
 
@@ -232,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-views", type=int, default=16)
     _add_model_flags(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="one query or anchor per manifest row over many scans; resumable, one folder per row (docs/batch.md)")
+    p.add_argument("--manifest", required=True, help="CSV with name, scan, and query or anchor (K:x1,y1,x2,y2[;...]); optional box_units, target")
+    p.add_argument("--model", help="Qwen2.5-VL hub id or local folder (needed by query rows)")
+    p.add_argument("--adapter", help="LoRA adapter folder from Training/sft.py or grpo.py")
+    p.add_argument("--num-views", type=int, default=16)
+    _add_model_flags(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("make-tiny-model", help="build the tiny random-weight Qwen2.5-VL used by tests and demos (offline)")
     p.add_argument("--out", required=True)

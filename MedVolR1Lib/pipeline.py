@@ -106,6 +106,15 @@ class Pipeline:
             )
         return self._propagator
 
+    def describe(self) -> dict:
+        """The models loaded so far, with checkpoint hashes, for evidence.json's provenance."""
+        record: dict = {}
+        if self._grounder is not None:
+            record["grounder"] = self._grounder.describe()
+        if self._propagator is not None:
+            record["propagator"] = self._propagator.describe()
+        return record
+
     def ground(self, volume: Volume, query: str, progress: Optional[ProgressCallback] = None):
         """Ask the VLM for the evidence anchor; raises GroundingError (with the raw text) on garbage."""
         if not (query or "").strip():
