@@ -142,6 +142,70 @@ def check_fits_in_memory(path: str | os.PathLike, available: Optional[int] = Non
     return estimate
 
 
+def nifti_nonfinite_codes(path: str | os.PathLike, chunk_voxels: int = 1 << 24) -> Optional[np.ndarray]:
+    """Where a float NIfTI file holds NaN (1) or +-Inf (2), as an int8 (z, y, x) array; None when it holds none.
+
+    Why: ITK's NIfTI reader (SimpleITK 2.5) silently turns NaN and Inf voxels into 0, so the check on the
+    loaded array can never see them; this reads the file's own bytes (streamed) to find them.
+    """
+    import gzip
+    import struct
+
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        head = handle.read(540)
+        for order in "<>":
+            size = struct.unpack(order + "i", head[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return None
+        if size == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            datatype = struct.unpack(order + "h", head[70:72])[0]
+            offset = int(struct.unpack(order + "f", head[108:112])[0])
+        else:
+            datatype = struct.unpack(order + "h", head[12:14])[0]
+            dims = struct.unpack(order + "8q", head[16:80])
+            offset = int(struct.unpack(order + "q", head[168:176])[0])
+        dtype = {16: np.dtype(order + "f4"), 64: np.dtype(order + "f8")}.get(datatype)
+        if dtype is None or dims[0] != 3:
+            return None
+        shape = tuple(int(n) for n in dims[1:4])
+        count = int(np.prod(shape))
+        handle.seek(max(offset, size))
+        codes, filled, any_bad = np.zeros(count, np.int8), 0, False
+        while filled < count:
+            block = handle.read(min(chunk_voxels, count - filled) * dtype.itemsize)
+            if not block:
+                break
+            values = np.frombuffer(block, dtype=dtype)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                any_bad = True
+                codes[filled:filled + values.size] = np.where(np.isnan(values), 1, np.where(bad, 2, 0))
+            filled += values.size
+    return codes.reshape(shape[::-1]) if any_bad else None
+
+
+def _restore_nonfinite(image, path: Path):
+    """Put back the NaN/Inf voxels ITK's NIfTI reader zeroed, so the volume checks see (and count) them."""
+    import SimpleITK as sitk
+
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return image
+    codes = nifti_nonfinite_codes(path)
+    if codes is None or codes.shape != sitk.GetArrayViewFromImage(image).shape:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    array[codes == 1] = np.nan
+    array[codes == 2] = np.inf
+    restored = sitk.GetImageFromArray(array)
+    restored.CopyInformation(image)
+    return restored
+
+
 def _check_path(path: Path) -> None:
     if not path.exists():
         raise VolumeError(f"{path}: file or folder not found")
@@ -183,7 +247,7 @@ def load_volume(
             reader.SetFileNames(_dicom_series_files(path))
             image = reader.Execute()
         else:
-            image = sitk.ReadImage(str(path))
+            image = _restore_nonfinite(sitk.ReadImage(str(path)), path)
     except VolumeError:
         raise
     except Exception as exc:
