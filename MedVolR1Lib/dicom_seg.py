@@ -24,14 +24,16 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .errors import DataError, VolumeError
-from .segment_codes import SegmentTerm
 from .seg_nrrd import source_ijk_to_lps
 from .volume import Volume
+
+if TYPE_CHECKING:  # pydicom is imported only when a SEG is written (the `clinical` extra)
+    from .segment_codes import SegmentTerm
 
 ALGORITHM_NAME = "MedVol-R1"
 MANUFACTURER = "MedVol-R1 project"
@@ -157,6 +159,7 @@ def placeholder_series(volume: Volume, description: str) -> list:
         ds.Modality, ds.Manufacturer, ds.SeriesNumber, ds.InstanceNumber = ("CT" if is_ct else "MR"), MANUFACTURER, 1, k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.PositionReferenceIndicator, ds.AcquisitionNumber = "", 1
+        ds.PatientPosition, ds.Laterality = "", ""  # Type 2C: unknown for a non-DICOM input, so present and empty
         if is_ct:
             ds.KVP = ""
         else:

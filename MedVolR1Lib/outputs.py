@@ -48,6 +48,18 @@ def parse_formats(text: Optional[str]) -> Optional[tuple[str, ...]]:
     return names
 
 
+_NEEDS = {"nifti": ("pydicom",), "seg-nrrd": ("pydicom", "slicerio"), "dicom-seg": ("pydicom", "highdicom")}
+
+
+def check_formats_installed(formats: Sequence[str]) -> None:
+    """A clear error before any work when a format's writer is not installed (the `clinical` extra)."""
+    from importlib.util import find_spec
+
+    missing = sorted({m for f in formats for m in _NEEDS[f] if find_spec(m) is None})
+    if missing:
+        raise ValueError(f"writing {', '.join(formats)} needs {', '.join(missing)}: pip install 'medvolr1[clinical]'")
+
+
 def default_formats(volume: Volume) -> tuple[str, ...]:
     """NIfTI and .seg.nrrd always; DICOM SEG too when the scan came from a DICOM series."""
     from .dicom_seg import is_dicom_input
@@ -229,6 +241,7 @@ def write_outputs(
 
     formats = tuple(formats) if formats else default_formats(result.volume)
     parse_formats(",".join(formats))  # refuses unknown names before anything is written
+    check_formats_installed(formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     geometry = getattr(result.grounding, "geometry", None) or ViewGeometry.for_volume(result.volume, image_size)

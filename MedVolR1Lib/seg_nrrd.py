@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .segment_codes import SegmentTerm
 from .volume import LPS_TO_RAS, Volume
+
+if TYPE_CHECKING:  # pydicom (codes) is needed only when a file is written
+    from .segment_codes import SegmentTerm
 
 
 def source_ijk_to_lps(volume: Volume) -> np.ndarray:
