@@ -201,7 +201,7 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=448, help="rendered view size in pixels (multiple of 28)")
     parser.add_argument("--reference", help="label map on the same grid to score the mask against ('sample' for the sample CT's labels)")
     parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
-    parser.add_argument("--out", required=True, help="output folder (mask.nii.gz, evidence.json, evidence.png)")
+    parser.add_argument("--out", required=True, help="output folder (mask, .seg.nrrd, DICOM SEG, statistics.csv, evidence.json/png; docs/outputs.md)")
     parser.add_argument("--formats", type=_formats, help="comma list of nifti, seg-nrrd, dicom-seg (default: nifti,seg-nrrd, "
                         "plus dicom-seg for a DICOM input); statistics.csv and evidence files are always written")
 

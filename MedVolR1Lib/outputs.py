@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .anchor import box_ras_bounds
+from .hashing import file_sha256
 from .pipeline import SegmentationResult
 from .statistics import key_slice_z_mm
 from .views import ViewGeometry, render_slice
@@ -265,7 +266,11 @@ def write_outputs(
         (staging / "statistics.csv").write_text(statistics_csv([stats]))
         evidence_png(result, geometry, staging / "evidence.png")
         record["mask"]["file"] = FILES["nifti"] if "nifti" in formats else None
-        record["outputs"] = {"formats": list(formats), "files": names + list(ALWAYS)}
+        record["outputs"] = {
+            "formats": list(formats),
+            "files": names + list(ALWAYS),
+            "sha256": {n: file_sha256(staging / n) for n in names + ["statistics.csv", "evidence.png"] if (staging / n).is_file()},
+        }
         (staging / "evidence.json").write_text(json.dumps(record, indent=2))
         return _publish(staging, out, names + list(ALWAYS))
     finally:

@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from dicom_series import write_dicom_series
 from MedVolR1Lib import cli, outputs
 from MedVolR1Lib.anchor import EvidenceAnchor
+from MedVolR1Lib.hashing import file_sha256
 from MedVolR1Lib.pipeline import SegmentationResult, target_name_from_query
 from MedVolR1Lib.segment_codes import term_for_target
 from MedVolR1Lib.targets import profile_labels
@@ -86,6 +87,9 @@ def test_default_formats_for_a_dicom_input(written_case):
     names = {p.name for p in written_case["out"].iterdir()}
     assert names == {"mask.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "statistics.csv", "evidence.png", "evidence.json"}
     assert written_case["record"]["outputs"]["formats"] == ["nifti", "seg-nrrd", "dicom-seg"]
+    hashes = written_case["record"]["outputs"]["sha256"]  # lets a batch resume check a finished row
+    assert set(hashes) == names - {"evidence.json"}
+    assert hashes["segmentation.dcm"] == file_sha256(written_case["out"] / "segmentation.dcm")
 
 
 def test_cli_propagate_on_a_dicom_folder_writes_the_chosen_formats(dicom_case, tmp_path):
