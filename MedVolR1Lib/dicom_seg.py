@@ -58,11 +58,12 @@ def source_path(volume: Volume) -> Optional[Path]:
 def is_dicom_input(volume: Volume) -> bool:
     """Whether the scan was read from a DICOM series folder (so a SEG can reference its instances)."""
     path = source_path(volume)
-    if path is None:
-        return False
-    if path.is_dir():
-        return not (path / "image.npy").exists()  # an M3D-Seg case folder is not DICOM
-    return path.suffix.lower() == ".dcm"
+    return path is not None and path.is_dir() and not (path / "image.npy").exists()  # M3D-Seg case folders are not DICOM
+
+
+def is_single_dicom_file(volume: Volume) -> bool:
+    path = source_path(volume)
+    return path is not None and path.is_file() and path.suffix.lower() == ".dcm"
 
 
 def _read_headers(folder: Path) -> list:

@@ -181,9 +181,11 @@ def term_record(term) -> dict:
 
 def _write_dicom_seg(result: SegmentationResult, record: dict, term, staging: Path) -> tuple[dict, list[str]]:
     """segmentation.dcm over the source series (or over a placeholder series written beside it)."""
-    from .dicom_seg import SegSegment, build_segmentation, is_dicom_input, placeholder_series, source_series, write_series
+    from .dicom_seg import SegSegment, build_segmentation, is_dicom_input, is_single_dicom_file, placeholder_series, source_series, write_series
 
     volume, written = result.volume, [FILES["dicom-seg"]]
+    if is_single_dicom_file(volume):  # an enhanced multi-frame file: its frames are not matched here yet
+        raise ValueError(f"{volume.source.path}: DICOM SEG is written over a DICOM series folder; give the folder, or choose other --formats")
     if is_dicom_input(volume):
         sources, placeholder = source_series(volume), None
     else:

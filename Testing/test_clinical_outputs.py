@@ -274,3 +274,37 @@ def test_segment_terms_use_pydicom_snomed_codes_and_fall_back_to_tissue():
     assert term_for_target("vertebrae_L3").type == codes.SCT.L3Vertebra
     unknown = term_for_target("the odd thing near the hilum")
     assert unknown.key is None and unknown.type == codes.SCT.Tissue and unknown.label == "the odd thing near the hilum"
+
+
+def test_a_series_that_no_longer_matches_the_scan_writes_nothing(dicom_case, tmp_path):
+    from MedVolR1Lib.errors import DataError
+
+    folder = tmp_path / "series"
+    shutil.copytree(dicom_case["series"], folder)
+    volume = load_volume(folder)
+    (folder / "slice005.dcm").unlink()  # the folder changed after the scan was read
+    result = _reference_result(volume, dicom_case["truth"], "right kidney")
+    with pytest.raises(DataError, match="23 instances for 24 slices"):
+        outputs.write_outputs(result, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_placeholder_series_of_a_float_mr_keeps_values_within_one_step(tmp_path):
+    from MedVolR1Lib.dicom_seg import placeholder_series, write_series
+    from MedVolR1Lib.volume import volume_from_array
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(300.0, 80.0, size=(6, 20, 24)).astype(np.float32)
+    affine = np.diag([1.2, 1.2, 4.0, 1.0])
+    affine[:3, 3] = (10.0, -20.0, 30.0)
+    volume = volume_from_array(values, affine, modality="MR", name="mr")
+    instances = placeholder_series(volume, "float MR")
+    slope = float(instances[0].RescaleSlope)
+    write_series(instances, tmp_path / "mr")
+    back = load_volume(tmp_path / "mr", modality="MR")
+    np.testing.assert_allclose(back.array, volume.array, atol=slope / 2 + 1e-3)
+    np.testing.assert_allclose(back.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
+    assert instances[0].PatientID == "MEDVOLR1-PLACEHOLDER" and instances[0].Modality == "MR"
+    if shutil.which("dciodvfy"):
+        report = subprocess.run(["dciodvfy", str(tmp_path / "mr" / "IM00001.dcm")], capture_output=True, text=True)
+        assert not [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
