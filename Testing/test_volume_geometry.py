@@ -195,22 +195,12 @@ def test_nii_beside_nii_gz_is_refused(tmp_path):
 
 
 def test_dicom_series_folder(tmp_path, sample_volume):
+    from dicom_series import write_dicom_series
+
     crop = sample_volume.array[40:44, 20:60, 30:70].astype(np.int16)
     image = sitk.GetImageFromArray(crop)
     image.SetSpacing((0.8, 0.8, 2.5))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(crop.shape[0]):
-        plane = image[:, :, z]
-        plane.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.2")  # study uid
-        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")  # series uid
-        plane.SetMetaData("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}")  # instance uid
-        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, z))))
-        plane.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        plane.SetMetaData("0020|0013", str(z))
-        plane.SetMetaData("0008|0060", "CT")
-        writer.SetFileName(str(tmp_path / f"slice{z:03d}.dcm"))
-        writer.Execute(plane)
+    write_dicom_series(image, tmp_path)
     volume = load_volume(tmp_path)
     assert volume.shape == crop.shape
     np.testing.assert_allclose(volume.spacing, (0.8, 0.8, 2.5), atol=1e-3)
