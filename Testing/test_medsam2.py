@@ -53,7 +53,7 @@ def volume():
 @pytest.fixture(scope="module")
 def prop(micro, volume):
     path, overrides = micro
-    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_when_absent=False, keep_logits=True)
+    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_after_absent=None, keep_logits=True)
     p.prepare(volume)
     return p
 
@@ -126,7 +126,9 @@ def test_box_reaches_predictor_in_its_pixel_convention(prop):
     box = VoxelBox(7, 5, 21, 33)
     prop.propagate(EvidenceAnchor(2, (box,)), slice_range=(2, 3))
     got = prop.last_trace.model_boxes[1]
-    want = (box.i0 * SIZE / I, box.j0 * SIZE / J, box.i1 * SIZE / I, box.j1 * SIZE / J)
+    # frames are transposed (rows = canonical i, columns = canonical j) and far edges are the last covered pixel,
+    # MedSAM2's pixel-index convention: voxels 7..20 x 5..32 -> x 5..32, y 7..20 of a J-wide, I-high frame
+    want = (box.j0 * SIZE / J, box.i0 * SIZE / I, (box.j1 - 1) * SIZE / J, (box.i1 - 1) * SIZE / I)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
@@ -144,7 +146,7 @@ def test_slice_range_is_honoured(prop, volume):
 
 def test_features_are_cached_per_volume(micro, volume):
     path, overrides = micro
-    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_when_absent=False)
+    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_after_absent=None)
     assert p.encoded_frames == 0
     p.prepare(volume)
     assert p.encoded_frames == K  # one encoder pass per slice
@@ -165,19 +167,20 @@ def test_features_are_cached_per_volume(micro, volume):
 
 def test_stop_rule():
     rule = _StopRule(patience=2)
-    assert rule.update(False, is_key=True)  # the key slice never counts
+    assert rule.update(False, is_key=True)  # an anchor slice never counts
     assert rule.update(False, is_key=False)
     assert rule.update(True, is_key=False)  # presence resets the count
     assert rule.update(False, is_key=False)
     assert not rule.update(False, is_key=False)
-    assert _StopRule(patience=1, enabled=False).update(False, is_key=False)
+    never = _StopRule(patience=None)  # the official script: track every slice
+    assert all(never.update(False, is_key=False) for _ in range(20))
 
 
 def test_tracking_stops_where_the_object_score_says_it_is_gone(tmp_path, volume):
     # object_score_bias=None keeps the random object-score head, which here scores every slice "absent"
     path = tmp_path / "absent.pt"
     overrides = build_micro_sam2_checkpoint(path, image_size=SIZE, object_score_bias=None)
-    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", absent_patience=2)
+    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_after_absent=2)
     p.prepare(volume)
     mask = p.propagate(EvidenceAnchor(4, (VoxelBox(10, 8, 30, 24),)))
     trace = p.last_trace
@@ -189,7 +192,7 @@ def test_tracking_stops_where_the_object_score_says_it_is_gone(tmp_path, volume)
 
 def test_offload_fallback_gives_the_same_result(micro, volume):
     path, overrides = micro
-    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_when_absent=False)
+    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_after_absent=None)
     p.prepare(volume)
     before = p.propagate(TWO_BOXES, merge=False, slice_range=(2, 7))
     p._enable_offload()  # what a CUDA out-of-memory during tracking triggers
@@ -229,7 +232,7 @@ def test_real_ct_crop(micro, sample_volume, sample_labels):
     crop = volume_from_array(sample_volume.array[k0:k1], sample_volume.ijk_to_ras, modality="CT", name="crop")
     js, is_ = np.nonzero(kidney[key])
     anchor = EvidenceAnchor(key - k0, (VoxelBox.from_voxels(is_.min(), js.min(), is_.max(), js.max()),))
-    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_when_absent=False)
+    p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", stop_after_absent=None)
     p.prepare(crop)
     mask = p.propagate(anchor)
     assert mask.shape == crop.shape and mask.dtype == np.uint8
@@ -304,7 +307,7 @@ def test_float32_and_bfloat16_tracking_agree(micro, volume):
     path, overrides = micro
     masks = {}
     for dt in ("float32", "bfloat16"):
-        p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", dtype=dt, stop_when_absent=False)
+        p = MedSAM2Propagator(path, hydra_overrides=overrides, device="cpu", dtype=dt, stop_after_absent=None)
         assert p.describe()["dtype"] == dt
         p.prepare(volume)
         masks[dt] = p.propagate(TWO_BOXES) > 0
