@@ -201,3 +201,32 @@ def profile_labels(
     union = np.logical_or.reduce(masks)
     per_part = len(masks) > 1 if box_per_part is None else bool(box_per_part)
     return profile_target(union, name, parts=masks if per_part else None, rules=rules)
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How a propagator should see and post-process one target: its CT window and whether to keep only the
+    largest 3D connected component (MedSAM2's official script always does; that deletes the second kidney)."""
+
+    window: Optional[str]
+    largest_component: bool
+
+
+def keeps_largest_component(target: Optional[str]) -> bool:
+    """True for a known target that is one connected structure (liver, one kidney, one vertebra).
+
+    False for paired or plural targets (kidneys, lungs, ribs), lesions (there may be several) and unknown
+    names, where keeping one component would delete real parts."""
+    from .queries import find_entry
+
+    entry = find_entry(target) if target else None
+    if entry is None or entry.plural or "lesion" in entry.phrases:
+        return False
+    return all(len(source) == 1 for source in entry.sources)
+
+
+def propagation_settings(target: Optional[str], modality: str = "CT") -> PropagationSettings:
+    """Window and largest-component choice for `target` (None: the modality defaults, no component step)."""
+    from .windowing import window_for_target
+
+    return PropagationSettings(window_for_target(target, modality), keeps_largest_component(target))

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import re
+
 import numpy as np
 
 from .errors import VolumeError
@@ -40,6 +42,33 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
 }
+
+
+# Target name -> CT preset, by the tissue the target is made of; first match wins, the rest get "abdomen".
+# Names are label names or query keys (TotalSegmentator spelling: lung_lower_lobe_left, vertebrae_L3, rib_left_3).
+# Matched against whole words of the name (split at "_", "-", spaces), by prefix ("rib" matches "ribs", not
+# "fibula"); a trailing "$" asks for the whole word ("hip", not "hippocampus").
+TARGET_WINDOW_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("lung", ("lung", "nodule", "trachea", "bronch", "airway")),  # lungs and lung lesions: air vs. tissue
+    ("bone", ("vertebra", "rib", "sacrum", "sternum", "hip$", "femur", "humerus", "scapula", "clavicul",
+              "skull", "bone", "spine", "costal")),
+    ("brain", ("brain",)),
+)
+
+
+def window_for_target(target: Optional[str], modality: str = "CT") -> Optional[str]:
+    """The CT preset a target's tissue needs (lung W1500/L-600, bone, brain, else abdomen W400/L40).
+
+    None for non-CT scans and unknown targets (None target): `resolve_window` then takes the modality default.
+    One place for the mapping: views for training, the propagators and the pipeline all ask here.
+    """
+    if modality != "CT" or not target:
+        return None
+    words = [w for w in re.split(r"[^a-z0-9]+", str(target).lower()) if w]
+    for preset, prefixes in TARGET_WINDOW_RULES:
+        if any(w == p[:-1] if p.endswith("$") else w.startswith(p) for w in words for p in prefixes):
+            return preset
+    return "abdomen"
 
 
 def percentile_window(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> Window:

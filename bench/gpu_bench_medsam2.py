@@ -3,7 +3,7 @@
 RANDOM WEIGHTS: no MedSAM2_latest.pt is needed (nor used). The script builds the real-size architecture with
 seeded random weights, saves it as {"model": state_dict} in a temporary folder and loads it through the
 propagator's normal checkpoint path. Timings and memory are those of the real model (same shapes, same
-kernels); the masks mean nothing. Tracking runs with stop_when_absent=False so every slice is tracked.
+kernels); the masks mean nothing. Tracking runs with stop_after_absent=None so every slice is tracked.
 
 GPU:  python bench/gpu_bench_medsam2.py                       (512x512x200 synthetic CT; a few minutes at most)
 CPU:  python bench/gpu_bench_medsam2.py --device cpu --slices 8   (smoke check, ~1 min on 2 cores)
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         ckpt = Path(tmp) / "random_sam2.1_hiera_t512.pt"
         _, results["build_checkpoint_s"] = timed(lambda: save_random_sam2_checkpoint(ckpt, [], seed=0))
         prop, results["load_model_s"] = timed(
-            lambda: MedSAM2Propagator(ckpt, device=args.device, stop_when_absent=False, encode_batch=args.encode_batch)
+            lambda: MedSAM2Propagator(ckpt, device=args.device, stop_after_absent=None, encode_batch=args.encode_batch)
         )
     results["dtype"] = prop.dtype
     if cuda:

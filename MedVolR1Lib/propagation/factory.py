@@ -36,8 +36,18 @@ def build_propagator(
     device: str = "auto",
     window=None,
     sam_overrides: Sequence[str] = (),
+    target: Optional[str] = None,
 ) -> Propagator:
-    """Instantiate the propagator; checkpoint and device errors surface here with clear messages."""
+    """Instantiate the propagator; checkpoint and device errors surface here with clear messages.
+
+    With a known `target` (label name or query key) and no explicit `window`, the target's tissue window is used
+    (targets.propagation_settings: lung, bone or abdomen), and MedSAM2 keeps only the largest component of
+    targets that are one connected structure."""
+    from ..targets import propagation_settings
+
+    settings = propagation_settings(target)
+    if window is None:
+        window = settings.window
     resolved = resolve_propagator_name(name, sam_checkpoint, device)
     if resolved == "medsam2":
         if not sam_checkpoint:
@@ -47,7 +57,13 @@ def build_propagator(
             )
         from .medsam2 import MedSAM2Propagator
 
-        return MedSAM2Propagator(sam_checkpoint, device=device, window=window, hydra_overrides=tuple(sam_overrides))
+        return MedSAM2Propagator(
+            sam_checkpoint,
+            device=device,
+            window=window,
+            hydra_overrides=tuple(sam_overrides),
+            largest_component=settings.largest_component,
+        )
     from .litemedsam import LiteMedSAMPropagator
 
     if device == "auto":

@@ -7,15 +7,20 @@ Why this shape:
 - The stock `init_state` reads a JPEG folder and keeps backbone features of only the last visited frame; a CT is
   already in memory and a user edits boxes repeatedly, so `InMemorySAM2VideoPredictor` takes the slices as a
   tensor and keeps the backbone features of every slice: re-propagation never reruns the image encoder.
-- Forward then reverse from the key slice, each from a fresh prompt (as MedSAM2's own 3D CT inference does), one
-  object id per box, OR of both passes, no largest-component step (it would delete the second kidney); a tracked
-  object stops once the object score says it is gone.
+- Forward then reverse, each from fresh prompts (as MedSAM2's own 3D CT inference does), one object id per box.
+  Several anchors are several conditioning frames of one video (SAM2 attends to all of them on every frame); a
+  slice between two anchors takes the pass tracked from the nearer one, beyond them tracking goes outward; points
+  join the box they are nearest; nothing leaves the evidence's z-range.
+- Input as MedSAM2's authors run it (docs/medsam2_review.md): frames in the orientation of its CT training
+  arrays (`frame_orientation`), boxes in its pixel-index convention, sam2's hole filling done without `_C`,
+  optional largest-component step (per target: off for paired organs) and optional early stop of an object.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from collections import OrderedDict
@@ -25,12 +30,14 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from sam2.build_sam import build_sam2_video_predictor
 from sam2.sam2_video_predictor import SAM2VideoPredictor
 
-from ..anchor import EvidenceAnchor
-from ..errors import CheckpointError, DeviceError
+from ..anchor import EvidenceAnchor, VoxelBox
+from ..errors import AnchorError, CheckpointError, DeviceError
+from ..evidence import Evidence, EvidencePoint
 from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
@@ -49,6 +56,10 @@ MEDSAM2_T512_OVERRIDES: tuple[str, ...] = (
 _PREDICTOR_TARGET = "++model._target_=MedVolR1Lib.propagation.medsam2.InMemorySAM2VideoPredictor"
 _IMG_MEAN = (0.485, 0.456, 0.406)
 _IMG_STD = (0.229, 0.224, 0.225)
+# "transposed": rows follow the patient's right-left axis, columns anterior-posterior, the layout of the raw
+# SimpleITK arrays of MedSAM2's CT training data (DeepLesion npz in its repository, see docs/medsam2_review.md);
+# "radiological": the canonical view (anterior up, patient's right on the image's left).
+FRAME_ORIENTATIONS = ("transposed", "radiological")
 
 
 def resize_slices_uint8(gray_kji: np.ndarray, size: int) -> np.ndarray:
@@ -208,6 +219,19 @@ class InMemorySAM2VideoPredictor(SAM2VideoPredictor):
         features = self._prepare_backbone_features(expanded_backbone_out)
         return (image.expand(batch_size, -1, -1, -1),) + features
 
+    def _run_single_frame_inference(self, *args, **kwargs):
+        """As the stock method, with `fill_hole_area` applied by `fill_small_holes` (the stock one needs sam2's
+        `_C` CUDA extension and silently skips without it), at the same point: after tracking, before storing."""
+        area, self.fill_hole_area = self.fill_hole_area, 0
+        try:
+            current_out, pred_masks = super()._run_single_frame_inference(*args, **kwargs)
+        finally:
+            self.fill_hole_area = area
+        if area > 0:
+            pred_masks = fill_small_holes(pred_masks, area)
+            current_out["pred_masks"] = pred_masks.to(current_out["pred_masks"].device, non_blocking=True)
+        return current_out, pred_masks
+
 
 @dataclass
 class PropagationTrace:
@@ -222,8 +246,11 @@ class PropagationTrace:
     object_scores: dict[tuple[str, int], dict[int, float]] = field(default_factory=dict)
     # (direction, obj_id) -> frame where tracking of that object stopped because it vanished (absent: ran to the end)
     stopped_at: dict[tuple[str, int], int] = field(default_factory=dict)
-    # obj_id -> box prompt as the predictor stored it, in model pixels (x0, y0, x1, y1) of the image_size square
+    # obj_id -> box prompt on the key slice as the predictor stored it, model pixels (x0, y0, x1, y1) of the square
     model_boxes: dict[int, tuple[float, float, float, float]] = field(default_factory=dict)
+    # (obj_id, frame) -> (coords (P, 2) in model pixels, labels (P,)) as the predictor stored them (2/3: box corners,
+    # 1: positive point, 0: negative point)
+    prompts: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     # obj_id -> (J, I) float32 mask logits on the key slice, at the volume's slice size
     key_logits: dict[int, np.ndarray] = field(default_factory=dict)
     # (direction, obj_id, frame) -> (J, I) float32 logits; only filled with keep_logits=True
@@ -231,11 +258,11 @@ class PropagationTrace:
 
 
 class _StopRule:
-    """An object ends after `patience` consecutive non-key frames where it is absent (object score <= 0 or empty)."""
+    """An object ends after `patience` consecutive non-anchor frames where it is absent (object score <= 0 or
+    empty); patience None never stops it (MedSAM2's official script tracks every frame)."""
 
-    def __init__(self, patience: int, enabled: bool = True):
-        self.patience = max(1, int(patience))
-        self.enabled = enabled
+    def __init__(self, patience: Optional[int]):
+        self.patience = None if patience is None else max(1, int(patience))
         self.misses = 0
 
     def update(self, present: bool, is_key: bool) -> bool:
@@ -244,7 +271,7 @@ class _StopRule:
             self.misses = 0
             return True
         self.misses += 1
-        return not (self.enabled and self.misses >= self.patience)
+        return self.patience is None or self.misses < self.patience
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 5) -> str:
@@ -305,15 +332,26 @@ class MedSAM2Propagator(Propagator):
         device: str = "auto",
         dtype: str = "auto",
         window: Union[None, str, Window, tuple] = None,
-        stop_when_absent: bool = True,
-        absent_patience: int = 2,
+        stop_after_absent: Optional[int] = 2,
+        fill_hole_area: int = 8,
+        largest_component: bool = False,
+        frame_orientation: str = "transposed",
         encode_batch: int = 8,
         offload: bool = False,
         keep_logits: bool = False,
     ):
         """checkpoint: MedSAM2_latest.pt (a {"model": state_dict} file); hydra_overrides are added after the
         MedSAM2 ones (the micro test model uses them); dtype 'auto' = bf16 autocast on CUDA and on CPUs with native
-        bf16 (masks vs float32 on random weights: Dice 0.996, see docs/benchmarks.md), float32 elsewhere."""
+        bf16 (masks vs float32 on random weights: Dice 0.996, see docs/benchmarks.md), float32 elsewhere.
+
+        stop_after_absent: stop an object after this many absent slices in a row (None: track every slice, as the
+        official script); fill_hole_area: sam2's hole filling on the low-res scores (MedSAM2 builds with 8; 0: off);
+        largest_component: keep each object's largest 3D component (the official script does; off for paired
+        organs, see targets.propagation_settings); frame_orientation: see FRAME_ORIENTATIONS."""
+        if frame_orientation not in FRAME_ORIENTATIONS:
+            raise ValueError(f"frame_orientation must be one of {FRAME_ORIENTATIONS}, got {frame_orientation!r}")
+        if stop_after_absent is not None and int(stop_after_absent) < 1:
+            raise ValueError(f"stop_after_absent must be None or >= 1, got {stop_after_absent!r}")
         self.checkpoint = Path(checkpoint).expanduser()
         if not self.checkpoint.is_file():
             raise CheckpointError(
@@ -327,8 +365,9 @@ class MedSAM2Propagator(Propagator):
         self.config = config
         self.overrides = [*base_overrides, *hydra_overrides]
         self.window = window
-        self.stop_when_absent = bool(stop_when_absent)
-        self.absent_patience = int(absent_patience)
+        self.stop_after_absent = None if stop_after_absent is None else int(stop_after_absent)
+        self.largest_component = bool(largest_component)
+        self.frame_orientation = frame_orientation
         self.encode_batch = int(encode_batch)
         self.offload = bool(offload)
         self.keep_logits = bool(keep_logits)
@@ -339,6 +378,7 @@ class MedSAM2Propagator(Propagator):
         self._cache_key: Optional[tuple] = None
         self._state: Optional[dict] = None
         self.model = self._build_and_load()
+        self.model.fill_hole_area = int(fill_hole_area)
         self.model.image_encoder.register_forward_hook(self._count_encoder)
 
     # ---- model ---------------------------------------------------------------------------------------------------
@@ -408,21 +448,30 @@ class MedSAM2Propagator(Propagator):
             "image_size": self.image_size,
             "device": str(self.device),
             "dtype": self.dtype,
-            "stop_when_absent": self.stop_when_absent,
-            "absent_patience": self.absent_patience,
+            "stop_after_absent": self.stop_after_absent,
+            "fill_hole_area": int(self.model.fill_hole_area),
+            "largest_component": self.largest_component,
+            "frame_orientation": self.frame_orientation,
+            "box_convention": "pixel-index (far edge = last covered pixel)",
         }
+
+    @property
+    def transposed(self) -> bool:
+        return self.frame_orientation == "transposed"
 
     # ---- prepare -------------------------------------------------------------------------------------------------
     def prepare(self, volume: Volume, progress: Optional[ProgressCallback] = None) -> None:
-        key = (volume.fingerprint, repr(self.window))
+        key = (volume.fingerprint, repr(self.window), self.frame_orientation)
         if self._cache_key == key and self._state is not None:
             self._volume = volume
             report(progress, 1.0, "MedSAM2: image features cached")
             return
         self._state, self._cache_key, self._volume = None, None, None
         gray = window_volume(volume, self.window, np.uint8)  # (K, J, I) in [0, 255]
+        if self.transposed:
+            gray = gray.transpose(0, 2, 1)  # (K, I, J): the training arrays' layout; masks are transposed back
         frames = InMemoryFrames(torch.from_numpy(resize_slices_uint8(gray, self.image_size)))
-        _, rows, cols = volume.shape
+        _, rows, cols = gray.shape
         try:
             state = self._encode(frames, rows, cols, offload=self.offload, progress=progress)
         except torch.OutOfMemoryError:
@@ -482,20 +531,26 @@ class MedSAM2Propagator(Propagator):
     # ---- propagate -----------------------------------------------------------------------------------------------
     def propagate(
         self,
-        anchor: EvidenceAnchor,
+        evidence: Union[Evidence, EvidenceAnchor],
         *,
         merge: bool = True,
         slice_range: Optional[tuple[int, int]] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> np.ndarray:
+        """Evidence -> (K, J, I) uint8 mask; every anchor is a conditioning frame of one video (see `_plan`)."""
         if self._state is None or self._volume is None:
             raise RuntimeError("MedSAM2Propagator.propagate called before prepare(volume)")
         shape = self._volume.shape
-        anchor = anchor.validate(shape).clipped(shape)
-        key = int(anchor.slice_index)
-        lo, hi = resolve_slice_range(slice_range, shape[0], key)
+        evidence = Evidence.coerce(evidence).validate(shape).clipped(shape)
+        slices = sorted(evidence.anchor_slices)
+        lo, hi = resolve_slice_range(slice_range, shape[0], slices[0])
+        if evidence.z_range is not None:
+            lo, hi = max(lo, int(evidence.z_range[0])), min(hi, int(evidence.z_range[1]))
+        outside = [k for k in slices if not lo <= k <= hi]
+        if outside:
+            raise AnchorError(f"anchor slice(s) {outside} lie outside the slice range [{lo}, {hi}]")
         try:
-            return self._propagate(anchor, key, lo, hi, merge, progress)
+            return self._propagate(evidence, lo, hi, merge, progress)
         except torch.OutOfMemoryError:
             if self.offload:
                 raise self._oom_error("while tracking even with offloading to CPU") from None
@@ -506,55 +561,158 @@ class MedSAM2Propagator(Propagator):
             )
             self._enable_offload()
             try:
-                return self._propagate(anchor, key, lo, hi, merge, progress)
+                return self._propagate(evidence, lo, hi, merge, progress)
             except torch.OutOfMemoryError:
                 raise self._oom_error("while tracking even with offloading to CPU") from None
 
-    def _propagate(self, anchor, key, lo, hi, merge, progress) -> np.ndarray:
+    # -- orientation and prompt conventions at the MedSAM2 edge --
+    def _frame_box(self, box: VoxelBox) -> list[float]:
+        """Canonical voxel-edge box -> the official pixel-index box of the frame: far edges are the last covered
+        pixel (MedSAM2's `mask2D_to_bbox` gives x_max = max index), so our edge i1 becomes i1 - 1."""
+        i0, j0 = float(box.i0), float(box.j0)
+        i1, j1 = max(i0, float(box.i1) - 1.0), max(j0, float(box.j1) - 1.0)
+        return [j0, i0, j1, i1] if self.transposed else [i0, j0, i1, j1]
+
+    def _frame_point(self, point: EvidencePoint) -> list[float]:
+        """Canonical voxel centre (i, j) -> frame pixel (x, y); a voxel index is a pixel index (official points)."""
+        return [float(point.j), float(point.i)] if self.transposed else [float(point.i), float(point.j)]
+
+    def _to_canonical(self, plane: np.ndarray) -> np.ndarray:
+        """(rows, cols) of a frame -> (J, I) of the canonical slice."""
+        return np.ascontiguousarray(plane.T) if self.transposed else plane
+
+    # -- planning --
+    def _objects(self, evidence: Evidence) -> dict[int, dict[int, tuple[Optional[VoxelBox], list[EvidencePoint]]]]:
+        """obj id -> {anchor slice: (box or None, points)}.
+
+        Object b+1 is box b of the first anchor.  A box of another anchor joins the object whose box on the first
+        anchor has the nearest centre (each object at most once per anchor); boxes left over start new objects.
+        A point joins the object whose box on its slice is nearest (0 inside the box)."""
+        primary = evidence.primary
+        prompts: dict[int, dict[int, tuple[Optional[VoxelBox], list[EvidencePoint]]]] = {}
+        reference: dict[int, VoxelBox] = {}
+        for n, box in enumerate(primary.boxes, start=1):
+            prompts[n] = {int(primary.slice_index): (box, [])}
+            reference[n] = box
+        for anchor in evidence.anchors[1:]:
+            k = int(anchor.slice_index)
+            pairs = sorted(
+                (_centre_distance(box, reference[obj]), b, obj)
+                for b, box in enumerate(anchor.boxes)
+                for obj in reference
+            )
+            taken_boxes: set[int] = set()
+            taken_objs: set[int] = set()
+            for _, b, obj in pairs:
+                if b in taken_boxes or obj in taken_objs:
+                    continue
+                prompts[obj][k] = (anchor.boxes[b], [])
+                taken_boxes.add(b)
+                taken_objs.add(obj)
+            for b, box in enumerate(anchor.boxes):
+                if b not in taken_boxes:
+                    obj = max(prompts) + 1
+                    prompts[obj] = {k: (box, [])}
+                    reference[obj] = box
+        for point in evidence.points:
+            k = int(point.slice_index)
+            here = [(obj, frames[k][0]) for obj, frames in prompts.items() if k in frames and frames[k][0] is not None]
+            obj = min(here, key=lambda item: _point_box_distance(point, item[1]))[0]
+            prompts[obj][k][1].append(point)
+        return prompts
+
+    @staticmethod
+    def _plan(anchors: Sequence[int], lo: int, hi: int) -> dict[str, list[int]]:
+        """Frames each pass decodes for one object with conditioning frames `anchors` (sorted).
+
+        Between two anchors a < b a slice takes the forward pass (tracked from a) when nearer a, the reverse pass
+        (from b) when nearer b, both (OR) when equidistant; above the highest anchor only the forward pass runs,
+        below the lowest only the reverse one.  Every frame attends to all anchors' conditioning memories, as in
+        SAM2's video predictor; anchor frames are in both passes (their prompt output)."""
+        forward, reverse = [], []
+        for f in range(lo, hi + 1):
+            below = [a for a in anchors if a <= f]
+            above = [a for a in anchors if a >= f]
+            if below and above and (below[-1] == f):
+                forward.append(f)
+                reverse.append(f)
+                continue
+            d_below = f - below[-1] if below else None
+            d_above = above[0] - f if above else None
+            if d_below is not None and (d_above is None or d_below <= d_above):
+                forward.append(f)
+            if d_above is not None and (d_below is None or d_above <= d_below):
+                reverse.append(f)
+        return {"forward": forward, "reverse": reverse[::-1]}
+
+    def _propagate(self, evidence: Evidence, lo: int, hi: int, merge: bool, progress) -> np.ndarray:
         shape = self._volume.shape
-        obj_ids = tuple(range(1, len(anchor.boxes) + 1))
+        prompts = self._objects(evidence)
+        obj_ids = tuple(sorted(prompts))
+        key = int(evidence.primary.slice_index)
         trace = PropagationTrace(key_slice=key, slice_range=(lo, hi), object_ids=obj_ids)
-        per_object: dict[int, dict[int, np.ndarray]] = {o: {} for o in obj_ids}  # obj -> frame -> bool (J, I)
-        total = (hi - key + 1) + (key - lo)
+        plans = {obj: self._plan(sorted(prompts[obj]), lo, hi) for obj in obj_ids}
+        if not any(set(plans[o]["reverse"]) - set(prompts[o]) for o in obj_ids):
+            for o in obj_ids:  # the reverse pass would only repeat anchor frames the forward pass has
+                plans[o]["reverse"] = []
+        # (direction, obj) -> frame -> bool (J, I) mask where the object is present
+        found: dict[tuple[str, int], dict[int, np.ndarray]] = {}
+        total = sum(len(set().union(*(plans[o][d] for o in obj_ids))) for d in ("forward", "reverse"))
         done = [0]
-        directions = [("forward", hi)] + ([("reverse", lo)] if key > lo else [])
         # no_grad, not inference_mode: under inference_mode autocast never caches its bf16 weight copies, so every
         # linear re-cast its weight on every frame (measured: ~20% of bf16 CPU tracking time was such copies)
         with torch.no_grad(), self._autocast():
-            for direction, last in directions:
-                self._track(anchor, key, last, direction, trace, per_object, progress, done, total)
+            for direction in ("forward", "reverse"):
+                if any(plans[o][direction] for o in obj_ids):
+                    self._track(direction, prompts, plans, key, trace, found, progress, done, total)
         self.last_trace = trace
         out = np.zeros(shape, dtype=np.uint8)
-        for obj in obj_ids:  # later boxes win overlaps
-            for frame, mask in per_object[obj].items():
-                out[frame][mask] = 1 if merge else obj
+        for obj in obj_ids:  # later objects win overlaps
+            mask = np.zeros(shape, dtype=bool)
+            for direction in ("forward", "reverse"):
+                for frame, plane in found.get((direction, obj), {}).items():
+                    mask[frame] |= plane
+            if self.largest_component:
+                mask = largest_component(mask)
+            out[mask] = 1 if merge else obj
         report(progress, 1.0, "MedSAM2: done")
         return out
 
-    def _track(self, anchor, key, last, direction, trace, per_object, progress, done, total) -> None:
-        """One pass from the key slice towards `last`, from a fresh box prompt on the key slice."""
+    def _track(self, direction, prompts, plans, key, trace, found, progress, done, total) -> None:
+        """One pass over the frames the plans give it, from fresh prompts on every anchor frame."""
         model, state = self.model, self._state
         reverse = direction == "reverse"
         model.reset_state(state)  # clears prompts and tracking outputs; the kept frame features stay
-        for obj, box in zip(trace.object_ids, anchor.boxes):
-            # voxel edge coordinates of the (J, I) slice are the predictor's pixel coordinates of a
-            # video_width=I x video_height=J frame; normalize_coords maps them onto the image_size square
-            _, _, masks = model.add_new_points_or_box(
-                state, frame_idx=key, obj_id=obj, box=[box.i0, box.j0, box.i1, box.j1], normalize_coords=True
-            )
-            idx = state["obj_id_to_idx"][obj]
-            coords = state["point_inputs_per_obj"][idx][key]["point_coords"][0, :2].float().cpu().numpy()
-            trace.model_boxes[obj] = tuple(float(v) for v in coords.reshape(-1))
+        for obj in trace.object_ids:
+            for frame, (box, points) in sorted(prompts[obj].items()):
+                kwargs: dict = {}
+                if box is not None:
+                    kwargs["box"] = self._frame_box(box)
+                if points:
+                    kwargs["points"] = [self._frame_point(p) for p in points]
+                    kwargs["labels"] = [1 if p.positive else 0 for p in points]
+                model.add_new_points_or_box(state, frame_idx=frame, obj_id=obj, normalize_coords=True, **kwargs)
+                idx = state["obj_id_to_idx"][obj]
+                inputs = state["point_inputs_per_obj"][idx][frame]
+                coords = inputs["point_coords"][0].float().cpu().numpy()
+                labels = inputs["point_labels"][0].cpu().numpy()
+                trace.prompts[(obj, frame)] = (coords, labels)
+                if box is not None and frame == key:
+                    trace.model_boxes[obj] = tuple(float(v) for v in coords[:2].reshape(-1))
         model.propagate_in_video_preflight(state)
-        rules = {obj: _StopRule(self.absent_patience, self.stop_when_absent) for obj in trace.object_ids}
-        active = list(trace.object_ids)
         visited = trace.visited.setdefault(direction, [])
-        step = -1 if reverse else 1
-        for frame in range(key, last + step, step):
-            if not active:
-                break
+        todo = {obj: set(plans[obj][direction]) for obj in trace.object_ids}
+        anchors = {obj: set(prompts[obj]) for obj in trace.object_ids}
+        rules = {obj: _StopRule(self.stop_after_absent) for obj in trace.object_ids}
+        dormant: set[int] = set()  # objects stopped until their next anchor frame in this direction
+        frames = sorted(set().union(*todo.values()), reverse=reverse)
+        for frame in frames:
+            running = [o for o in trace.object_ids if frame in todo[o] and (o not in dormant or frame in anchors[o])]
+            if not running:
+                continue
             visited.append(frame)
-            for obj in list(active):
+            for obj in running:
+                dormant.discard(obj)
                 obj_idx = state["obj_id_to_idx"][obj]
                 obj_output = state["output_dict_per_obj"][obj_idx]
                 if frame in obj_output["cond_frame_outputs"]:
@@ -575,21 +733,68 @@ class MedSAM2Propagator(Propagator):
                     obj_output["non_cond_frame_outputs"][frame] = current
                 state["frames_tracked_per_obj"][obj_idx][frame] = {"reverse": reverse}
                 _, video_res = model._get_orig_video_res_output(state, pred_masks)
-                logits = video_res[0, 0].float().cpu().numpy()
+                logits = self._to_canonical(video_res[0, 0].float().cpu().numpy())
                 score = float(current["object_score_logits"].float().reshape(-1)[0])
                 trace.object_scores.setdefault((direction, obj), {})[frame] = score
                 mask = logits > 0
                 present = score > 0 and bool(mask.any())
-                if frame == key:
+                if frame == key and obj not in trace.key_logits:
                     trace.key_logits[obj] = logits
                 if self.keep_logits:
                     trace.logits[(direction, obj, frame)] = logits
                 if present:
-                    prev = per_object[obj].get(frame)
-                    per_object[obj][frame] = mask if prev is None else (prev | mask)
-                if not rules[obj].update(present, frame == key):
-                    active.remove(obj)
+                    found.setdefault((direction, obj), {})[frame] = mask
+                if not rules[obj].update(present, frame in anchors[obj]):
+                    later = [a for a in anchors[obj] if (a < frame if reverse else a > frame)]
                     trace.stopped_at[(direction, obj)] = frame
-            if frame != key or direction == "forward":
-                done[0] += 1
-            report(progress, done[0] / max(total, 1), f"MedSAM2: {direction} slice {frame}")
+                    if later:
+                        dormant.add(obj)
+                        rules[obj] = _StopRule(self.stop_after_absent)
+                    else:
+                        todo[obj] = set()
+            done[0] += 1
+            report(progress, min(done[0] / max(total, 1), 1.0), f"MedSAM2: {direction} slice {frame}")
+
+
+def _centre_distance(a: VoxelBox, b: VoxelBox) -> float:
+    return math.hypot((a.i0 + a.i1 - b.i0 - b.i1) / 2.0, (a.j0 + a.j1 - b.j0 - b.j1) / 2.0)
+
+
+def _point_box_distance(point: EvidencePoint, box: VoxelBox) -> float:
+    di = max(box.i0 - point.i, 0.0, point.i - box.i1)
+    dj = max(box.j0 - point.j, 0.0, point.j - box.j1)
+    return math.hypot(di, dj)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 3D connected component (26-connected, as skimage's `measure.label` in MedSAM2's script)."""
+    labelled, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labelled.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return labelled == int(np.argmax(sizes))
+
+
+def fill_small_holes(scores: torch.Tensor, max_area: int) -> torch.Tensor:
+    """sam2's `fill_holes_in_mask_scores` without its `_C` CUDA extension: background regions (scores <= 0) that
+    form an 8-connected component of at most `max_area` pixels get the score 0.1 (foreground).
+
+    scores: (N, 1, H, W) low-res mask logits.  Same rule as sam2 (which skips it with a warning when `_C` is
+    missing), so MedSAM2's fill_hole_area=8 takes effect here."""
+    if max_area <= 0:
+        return scores
+    background = (scores <= 0).detach().cpu().numpy()
+    holes = np.zeros_like(background)
+    for n in range(background.shape[0]):
+        labelled, count = ndimage.label(background[n, 0], structure=np.ones((3, 3), dtype=bool))
+        if count == 0:
+            continue
+        areas = np.bincount(labelled.ravel(), minlength=count + 1)
+        small = areas <= max_area
+        small[0] = False
+        holes[n, 0] = small[labelled]
+    if not holes.any():
+        return scores
+    fill = torch.from_numpy(holes).to(scores.device)
+    return torch.where(fill, torch.tensor(0.1, dtype=scores.dtype, device=scores.device), scores)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .records import VRSRecord
 from .store import LoadedCase
+from ..windowing import window_for_target
 
 # Targets that make sense for the embedded sample CT and the three M3D-Seg datasets.
 DEFAULT_TARGETS = (
@@ -114,7 +115,7 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
                         query_split=query.split,
                         slices=list(sample.shown_slices),
                         image_size=sample.image_size,
-                        window=config.window,
+                        window=config.window or window_for_target(sample.target, sample.modality),
                         gt_slice=int(sample.key_slice),
                         gt_boxes=sample.boxes_pixel,
                         boxes_by_slice={str(k): v for k, v in sample.boxes_pixel_by_slice.items()},
@@ -164,7 +165,7 @@ class PrepareArguments:
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "comma-separated target keys"})
     num_views: int = 16
     image_size: int = 448
-    view_window: Optional[str] = field(default=None, metadata={"help": "CT window preset or 'percentile'"})
+    view_window: Optional[str] = field(default=None, metadata={"help": "CT window preset or 'percentile' (default: per target, windowing.window_for_target)"})
     train_view_sets: int = field(default=1, metadata={"help": "shifted slice sets per training case"})
     max_queries_per_target: int = 0
     oracle_stride: int = field(default=0, metadata={"help": ">0: oracle curve Q(z) with the propagator below"})
