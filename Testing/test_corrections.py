@@ -214,7 +214,7 @@ def test_lockstep_equals_box_by_box_and_reuse_equals_fresh(lite, sample_ct, samp
     evidence = Evidence((EvidenceAnchor(86, tuple(kidneys.boxes(86))), EvidenceAnchor(80, tuple(kidneys.boxes(80)))))
     masks = {}
     try:
-        lite.reuse_walks = False
+        lite.reuse = False
         for lockstep in (False, True):
             lite.lockstep = lockstep
             before = lite.stats.decoder_calls
@@ -231,14 +231,14 @@ def test_lockstep_equals_box_by_box_and_reuse_equals_fresh(lite, sample_ct, samp
         one = Evidence.single(EvidenceAnchor(l3.key_slice, tuple(l3.boxes(l3.key_slice))))
         two = with_anchor(one, EvidenceAnchor(84, tuple(l3.boxes(84)) or (VoxelBox(50, 50, 70, 70),)))
         fresh = lite.propagate(two, slice_range=WINDOW)
-        lite.reuse_walks = True
+        lite.reuse = True
         lite.propagate(one, slice_range=WINDOW)
         before = lite.stats.decoded_prompts
         reused = lite.propagate(two, slice_range=WINDOW)
         assert lite.stats.decoded_prompts - before < np.count_nonzero(fresh.any(axis=(1, 2)))
         assert dice(reused, fresh) >= 0.999
     finally:
-        lite.lockstep, lite.reuse_walks = True, True
+        lite.lockstep, lite.reuse = True, True
 
 
 def test_extent_limit_bounds_the_mask_and_points_need_medsam2(lite, profiles):
@@ -275,3 +275,49 @@ def test_session_undo_and_bad_corrections_change_nothing(lite, sample_volume, pr
     assert restored.evidence == first.evidence and restored.mask is first.mask
     with pytest.raises(AnchorError, match="nothing to undo"):
         session.undo()
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _cli(*args, tmp_path, capsys):
+    """Run the CLI in this process (no interpreter start-up per case); (exit code, stdout, stderr)."""
+    from MedVolR1Lib.cli import main
+
+    capsys.readouterr()
+    code = main(["propagate", "--volume", "sample", "--propagator", "litemedsam", "--device", "cpu",
+                 "--box-units", "voxels", "--out", str(tmp_path / "out"), *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_corrections_are_one_line_errors_and_write_nothing(tmp_path, capsys):
+    cases = [
+        (["--anchor", "79:40,40,60,60", "--z-range", "85:80"], "inverted"),
+        (["--anchor", "79:40,40,60,60", "--point", "80:50,50"], "no anchor"),
+        (["--anchor", "79:40,40,60,60", "--point", "79:50,50:neg"], "points need MedSAM2"),
+        (["--anchor", "500:40,40,60,60"], "slice"),
+        (["--slice", "79"], "--slice and --box go together"),
+    ]
+    for args, message in cases:
+        code, _, err = _cli(*args, tmp_path=tmp_path, capsys=capsys)
+        assert code == 2 and message in err and err.count("error:") == 1, (args, err[-1500:])
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_several_anchors_and_extent_are_recorded(tmp_path, sample_labels, capsys):
+    import json
+
+    from MedVolR1Lib.targets import profile_target
+
+    profile = profile_target(sample_labels == 2, "kidney_right")
+    k = profile.key_slice
+    spec = lambda z: f"{z}:" + ";".join(",".join(f"{v:.2f}" for v in b.as_list()) for b in profile.boxes(z))  # noqa: E731
+    code, stdout, err = _cli("--anchor", spec(k), "--anchor", spec(k + 2), "--z-range", f"{k - 1}:{k + 3}", "--reference",
+                             "sample", "--label", "2", tmp_path=tmp_path, capsys=capsys)
+    assert code == 0, err[-2000:]
+    record = json.loads((tmp_path / "out" / "evidence.json").read_text())
+    assert [a["slice"] for a in record["evidence"]["anchors"]] == [k, k + 2]
+    assert record["evidence"]["z_range"] == [k - 1, k + 3] and record["key_slice"]["canonical_k"] == k
+    assert len(record["evidence"]["anchors_pixels"][1]["boxes"]) == len(profile.boxes(k + 2))
+    assert json.loads(stdout)["reference"]["dice"] > 0.1  # 5 of the kidney's 36 slices, all inside the limit

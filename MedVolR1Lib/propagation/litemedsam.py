@@ -38,6 +38,7 @@ CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 
 # Guards measured on the sample CT (docs/oracle_litemedsam.md); each one is switchable in TrackingRules.
 DEFAULT_RULES = TrackingRules()
+DECODE_CACHE_BYTES = 256 * 2**20  # decoded prompts kept per volume (a full-resolution bool mask each)
 WALK_CACHE_LIMIT = 4096  # distinct (key slice, box) walks kept per volume; masks are (J, I) bools per slice
 
 
@@ -92,7 +93,9 @@ class LiteMedSAMPropagator(Propagator):
         box_tracking.anchor_ranges).
     lockstep: track all boxes (and all evidences of `propagate_many`) together, one decoder call per step;
         False tracks them one by one (same masks, for comparison).
-    reuse_walks: keep each tracked walk per volume and reuse it when only other anchors changed.
+    reuse: keep each tracked walk and each decoded prompt per volume: a walk is reused when only other anchors
+        changed, and a walk that meets a prompt decoded before (a nudged box whose mask comes out the same,
+        rollouts that agree) takes its mask instead of decoding again.  Exact: the decoder is deterministic.
     max_boxes: most boxes per anchor (more is an AnchorError).
     decode_batch: most prompts per decoder call (bounds memory: 4 MB of embedding per prompt).
     """
@@ -110,7 +113,7 @@ class LiteMedSAMPropagator(Propagator):
         rules: TrackingRules = DEFAULT_RULES,
         between: str = "nearest",
         lockstep: bool = True,
-        reuse_walks: bool = True,
+        reuse: bool = True,
         max_boxes: int = DEFAULT_MAX_BOXES,
         decode_batch: int = 32,
     ) -> None:
@@ -140,10 +143,12 @@ class LiteMedSAMPropagator(Propagator):
         self.rules = rules
         self.between = between
         self.lockstep = bool(lockstep)
-        self.reuse_walks = bool(reuse_walks)
+        self.reuse = bool(reuse)
         self.max_boxes = int(max_boxes)
         self.decode_batch = max(1, int(decode_batch))
         self._walks: dict[tuple, list] = {}  # (key slice, box, rules) -> [(slice range, TrackResult)] for this volume
+        self._decoded: dict[tuple, tuple] = {}  # (slice, box) -> (mask, logits or None, score) for this volume
+        self._decoded_bytes = 0
         self.stats = EncoderStats()
         self._sha256: Optional[str] = None
         self._net = self._load(self.checkpoint)
@@ -204,7 +209,7 @@ class LiteMedSAMPropagator(Propagator):
         fingerprint = volume.fingerprint
         if fingerprint != self._fingerprint:
             self._embeddings = {}
-            self._walks = {}
+            self._walks, self._decoded, self._decoded_bytes = {}, {}, 0
             self._fingerprint = fingerprint
             resolved = resolve_window(volume.array, volume.modality, self.window)
             self._windowed = resolved.apply(volume.array)
@@ -310,10 +315,10 @@ class LiteMedSAMPropagator(Propagator):
         return [(full_masks[n], low[n], float(scores[n])) for n in range(len(boxes))]
 
     def segment_many(self, requests: Sequence[SegmentRequest]):
-        """Decode a lockstep step: identical prompts once, the rest in decoder calls of up to `decode_batch`."""
+        """Decode a lockstep step: identical prompts once, prompts already decoded on this volume not again
+        (`reuse`), the rest in decoder calls of up to `decode_batch` prompts."""
         import torch
 
-        self._prefetch(requests)
         unique: dict[tuple, int] = {}
         order: list[int] = []  # request n -> index of its unique prompt
         firsts: list[SegmentRequest] = []
@@ -324,8 +329,15 @@ class LiteMedSAMPropagator(Propagator):
                 firsts.append(r)
             order.append(unique[key])
         decoded: list = [None] * len(firsts)
+        if self.reuse:
+            for u, r in enumerate(firsts):
+                hit = self._decoded.get((r.slice_index, r.box)) if r.previous_logits is None else None
+                if hit is not None and (hit[1] is not None or not self.rules.use_mask_prompt):
+                    decoded[u] = hit
+        self._prefetch([r for u, r in enumerate(firsts) if decoded[u] is None])
         for with_logits in (False, True):
-            group = [u for u, r in enumerate(firsts) if (r.previous_logits is not None) == with_logits]
+            group = [u for u, r in enumerate(firsts)
+                     if decoded[u] is None and (r.previous_logits is not None) == with_logits]
             for start in range(0, len(group), self.decode_batch):
                 chunk = group[start : start + self.decode_batch]
                 slices = {firsts[u].slice_index for u in chunk}
@@ -336,7 +348,19 @@ class LiteMedSAMPropagator(Propagator):
                 logits = [firsts[u].previous_logits for u in chunk] if with_logits else None
                 for u, out in zip(chunk, self._decode_batch(embeddings, [firsts[u].box for u in chunk], logits)):
                     decoded[u] = out
+                    if self.reuse and not with_logits:
+                        self._remember(firsts[u], out)
         return [decoded[u] for u in order]
+
+    def _remember(self, request: SegmentRequest, out) -> None:
+        """Keep a decoded prompt (mask and score; logits only when the rules feed them back) within a budget."""
+        mask, logits, score = out
+        kept = (mask, logits if self.rules.use_mask_prompt else None, score)
+        size = mask.nbytes + (kept[1].nbytes if kept[1] is not None else 0)
+        if self._decoded_bytes + size > DECODE_CACHE_BYTES:
+            self._decoded, self._decoded_bytes = {}, 0
+        self._decoded[(request.slice_index, request.box)] = kept
+        self._decoded_bytes += size
 
     # ------------------------------------------------------------------ propagation
     def propagate(
@@ -359,7 +383,7 @@ class LiteMedSAMPropagator(Propagator):
     ) -> list[np.ndarray]:
         """Every box of every anchor of every evidence tracked together (`lockstep`), one decoder call per step.
 
-        Walks already tracked for the same box, key slice and a compatible range are reused (`reuse_walks`):
+        Walks already tracked for the same box, key slice and a compatible range are reused (`reuse`):
         after a correction only the walks whose range changed run again.
         """
         if self._volume is None:
@@ -403,7 +427,7 @@ class LiteMedSAMPropagator(Propagator):
 
     def _track(self, walks: Sequence[Walk], progress: Optional[ProgressCallback]) -> list[TrackResult]:
         """Cached walks (truncated to their new range) plus the rest tracked in lockstep (or one by one)."""
-        results: list[Optional[TrackResult]] = [self._cached_walk(w) if self.reuse_walks else None for w in walks]
+        results: list[Optional[TrackResult]] = [self._cached_walk(w) if self.reuse else None for w in walks]
         todo = sorted({w for w, r in zip(walks, results) if r is None}, key=walks.index)
         span = sum(w.slice_range[1] - w.slice_range[0] + 1 for w in todo) or 1
         visited = [0]
