@@ -132,14 +132,33 @@ def cmd_fetch_sample(args) -> int:
 
 
 def cmd_propagate(args) -> int:
+    from .anchor import VoxelBox
+    from .corrections import evidence_from_specs
     from .pipeline import Pipeline
-    from .user_input import user_anchor
+    from .user_input import require_boxes_in_image, require_inside_volume
+    from .views import ViewGeometry
 
     volume = _load(args.volume, args.modality, args.fill_nonfinite)
-    anchor = user_anchor(volume, args.slice, args.box, units=args.box_units, image_size=args.image_size)
+    geometry = ViewGeometry.for_volume(volume, args.image_size)
+    if (args.slice is None) != (not args.box):
+        raise ValueError("--slice and --box go together (the one-anchor shorthand); or use --anchor K:x1,y1,x2,y2")
+    pixels = args.box_units == "pixels"
+
+    def pixel_box(box):
+        require_boxes_in_image([box], geometry)  # a typed box is never clipped silently
+        return geometry.to_voxel_box(box)
+
+    evidence = evidence_from_specs(
+        to_voxel_box=pixel_box if pixels else (lambda b: VoxelBox(*b)),
+        # a click's pixel -> the voxel under it (centre coordinates); voxel units are voxel indices already
+        to_voxel_point=(lambda x, y: tuple(v - 0.5 for v in geometry.voxel_from_pixel(x, y))) if pixels else (lambda x, y: (x, y)),
+        key=(args.slice, args.box) if args.slice is not None else None,
+        anchors=args.anchor, z_range=args.z_range, points=args.point,
+    )
+    evidence = require_inside_volume(evidence, volume.shape)
     pipeline = Pipeline(_config(args))
     bar = _Bar("propagating")
-    result = pipeline.propagate(volume, anchor, progress=bar, query=args.name)
+    result = pipeline.propagate(volume, evidence, progress=bar, query=args.name)
     bar.close()
     _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
     return 0
@@ -231,10 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("propagate", help="3D mask from a manual anchor (key slice + boxes), no VLM")
     p.add_argument("--volume", required=True, help="scan file, DICOM folder, M3D-Seg case folder, or 'sample'")
-    p.add_argument("--slice", type=int, required=True, help="key slice k (canonical axial index, inferior -> superior)")
-    p.add_argument("--box", type=_parse_box, action="append", required=True, help="x1,y1,x2,y2 (repeat for several parts)")
+    p.add_argument("--slice", type=int, help="key slice k (canonical axial index, inferior -> superior); with --box")
+    p.add_argument("--box", type=_parse_box, action="append", default=[], help="x1,y1,x2,y2 (repeat for several parts)")
+    p.add_argument("--anchor", action="append", default=[], metavar="K:x1,y1,x2,y2[;...]",
+                   help="an anchor: slice K and its boxes (repeat for corrections on other slices)")
+    p.add_argument("--z-range", metavar="K0:K1", help="extent limit: lowest and highest slice the mask may reach")
+    p.add_argument("--point", action="append", default=[], metavar="K:x,y[:neg]",
+                   help="positive (or :neg negative) click on an anchor's slice (MedSAM2 only)")
     p.add_argument("--box-units", choices=("pixels", "voxels"), default="pixels",
-                   help="pixels of the rendered key slice (as in evidence.png) or canonical voxel edges i0,j0,i1,j1")
+                   help="pixels of the rendered slice (as in evidence.png) or canonical voxels (box edges i0,j0,i1,j1; point indices i,j)")
     p.add_argument("--name", help="segment name recorded in evidence.json")
     _add_model_flags(p)
     p.set_defaults(func=cmd_propagate)

@@ -118,6 +118,11 @@ def evidence_record(result: SegmentationResult, geometry: ViewGeometry, provenan
         },
         "image_size": geometry.image_size,
         "boxes": boxes,
+        # every anchor (the first is `key_slice`/`boxes` above), the extent limit and the points, canonical voxels
+        # (+ rendered pixels per anchor), so the CLI's --anchor/--z-range/--point can replay the corrections
+        "evidence": {**result.evidence.to_dict(),
+                     "anchors_pixels": [{"slice": int(a.slice_index), "boxes": [[round(v, 2) for v in geometry.to_pixel_box(b)]
+                                                                              for b in a.boxes]} for a in result.evidence.anchors]},
         "reasoning": getattr(grounding, "reasoning", None),
         "raw_model_output": getattr(grounding, "raw_text", None),
         "shown_slices": list(getattr(grounding, "shown_slices", []) or []),

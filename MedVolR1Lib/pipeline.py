@@ -151,13 +151,15 @@ class Pipeline:
             raise AnchorError("no evidence anchor to propagate")
         check_segmentable(volume)  # NaN/Inf or constant scans: an error, never a silent mask
         evidence = Evidence.coerce(evidence).validate(volume.shape).clipped(volume.shape)
-        if len(evidence.anchors) > 1 or evidence.points:
-            raise AnchorError("several anchors or points need the multi-anchor propagation (not in this build yet)")
         propagator = self.propagator
         start = time.perf_counter()
         propagator.prepare(volume, progress=_scaled(progress, 0.0, 0.3))
         prepared = time.perf_counter()
-        mask = propagator.propagate(evidence.primary, merge=True, slice_range=evidence.z_range, progress=_scaled(progress, 0.3, 1.0))
+        if len(evidence.anchors) == 1 and not evidence.points:  # one anchor: the form every backend has always taken
+            given, slice_range = evidence.primary, evidence.z_range
+        else:  # the propagator shares the slices between anchors and honours the extent limit and points
+            given, slice_range = evidence, None
+        mask = propagator.propagate(given, merge=True, slice_range=slice_range, progress=_scaled(progress, 0.3, 1.0))
         done = time.perf_counter()
         report(progress, 1.0, "done")
         return SegmentationResult(

@@ -271,26 +271,44 @@ class CoherenceScorer:
         return self._resolved
 
     def score(self, parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget) -> float:
-        if not isinstance(parsed, ParsedAnswer) or parsed.slice_index not in target.shown_slices:
-            return 0.0
-        try:
-            anchor = target.view_geometry().anchor_from_answer(parsed, target.num_slices)
-        except (AnchorError, ValueError, OverflowError):
-            return 0.0
-        volume, gt = self._volume(target)
-        if self._prepared != volume.fingerprint:
-            self.propagator.prepare(volume)
-            self._prepared = volume.fingerprint
-            self.prepare_calls += 1
-        k, last = anchor.slice_index, volume.num_slices - 1
-        z0, z1 = (0, last) if self.window is None else (max(0, k - self.window), min(last, k + self.window))
-        gt_window = gt[z0 : z1 + 1]
-        if not gt_window.any():
-            return 0.0  # the window misses the target: an empty prediction must not score as agreement
-        pred = np.asarray(self.propagator.propagate(anchor, merge=True, slice_range=(z0, z1)))
-        if pred.shape != volume.shape:
-            raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
-        return float(dice(pred[z0 : z1 + 1], gt_window))
+        return self.score_many([parsed], [target])[0]
+
+    def score_many(self, parsed: Sequence[Union[ParsedAnswer, ParseFailure]], targets: Sequence[RewardTarget]) -> list[float]:
+        """Score a batch (a GRPO group): the answers on one volume are propagated together with
+        `propagate_many`, which a lockstep backend tracks with one decoder call per slice for all of them.
+        An answer with more than the target's `max_boxes` boxes scores 0 without propagating."""
+        scores = [0.0] * len(parsed)
+        jobs: list[tuple[int, Volume, np.ndarray, EvidenceAnchor, tuple[int, int]]] = []
+        for n, (answer, target) in enumerate(zip(parsed, targets)):
+            if not isinstance(answer, ParsedAnswer) or answer.slice_index not in target.shown_slices:
+                continue
+            if len(answer.boxes) > int(target.max_boxes):
+                continue
+            try:
+                anchor = target.view_geometry().anchor_from_answer(answer, target.num_slices)
+            except (AnchorError, ValueError, OverflowError):
+                continue
+            volume, gt = self._volume(target)
+            k, last = anchor.slice_index, volume.num_slices - 1
+            z = (0, last) if self.window is None else (max(0, k - self.window), min(last, k + self.window))
+            if gt[z[0] : z[1] + 1].any():  # a window that misses the target: an empty prediction must not score
+                jobs.append((n, volume, gt, anchor, z))
+        while jobs:
+            fingerprint = jobs[0][1].fingerprint
+            batch = [j for j in jobs if j[1].fingerprint == fingerprint]
+            jobs = [j for j in jobs if j[1].fingerprint != fingerprint]
+            volume = batch[0][1]
+            if self._prepared != fingerprint:
+                self.propagator.prepare(volume)
+                self._prepared = fingerprint
+                self.prepare_calls += 1
+            preds = self.propagator.propagate_many([j[3] for j in batch], merge=True, slice_ranges=[j[4] for j in batch])
+            for (n, _, gt, _, (z0, z1)), pred in zip(batch, preds):
+                pred = np.asarray(pred)
+                if pred.shape != volume.shape:
+                    raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
+                scores[n] = float(dice(pred[z0 : z1 + 1], gt[z0 : z1 + 1]))
+        return scores
 
 
 def oracle_curve(
@@ -365,7 +383,7 @@ def compute_rewards(
         "grounding": [grounding_score(p, t) for p, t in zip(parsed, resolved)],
     }
     if coherence is not None:
-        out["coherence"] = [coherence.score(p, t) for p, t in zip(parsed, resolved)]
+        out["coherence"] = coherence.score_many(parsed, resolved)
     w = weights.as_dict()
     out["total"] = [float(sum(w[name] * out[name][n] for name in COMPONENTS if name in out)) for n in range(len(parsed))]
     return out
@@ -401,9 +419,14 @@ def make_grounding_reward() -> Callable[..., list[float]]:
 
 def make_coherence_reward(propagator: Propagator, resolve: Resolver, *, window: Optional[int] = 8) -> Callable[..., list[float]]:
     scorer = CoherenceScorer(propagator, resolve, window=window)
-    reward = _reward_function("coherence_reward", scorer.score)
-    reward.scorer = scorer  # type: ignore[attr-defined]
-    return reward
+
+    def coherence_reward(prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any) -> list[float]:
+        _check_lengths(completions, reward_target)
+        cache = _TargetCache()
+        return scorer.score_many(_parse_all(completions), [cache.get(t) for t in reward_target])
+
+    coherence_reward.scorer = scorer  # type: ignore[attr-defined]
+    return coherence_reward
 
 
 def make_reward_functions(

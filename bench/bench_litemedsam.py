@@ -10,6 +10,11 @@
 4. a synthetic 512x512x300 CT: peak RSS of prepare + one propagation over a few slices (a child
    process, so the number is its own; VmHWM from /proc), per-slice costs, and an extrapolation to all 300 slices
    (labelled as such: 300 slices are not encoded on CPU).
+5. corrections: one added GT anchor (walks of the unchanged anchor reused, only the new anchor's walks
+   tracked) vs a full re-propagation of the same two anchors (embeddings cached in both), vertebra L3;
+6. the coherence reward for a GRPO group of 8 rollouts vs one propagation (bench_grpo.bench_coherence,
+   window +-8, lockstep tracking of the group).
+`--sections 1,5,6` prints the issue-10 numbers in one run.
 Wall-clock numbers are noisy on a shared machine; ratios from one run are what to compare.
 """
 
@@ -38,17 +43,16 @@ def _best(fn, repeats: int = 1, warmup: bool = True) -> float:
     return min(times)
 
 
-def _kidney():
+def _kidney(name: str = "kidney_right"):
+    from MedVolR1Lib.propagation.oracle import gt_profile
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.targets import profile_labels
     from MedVolR1Lib.readers import load_label_map, load_volume
 
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)
     labels = load_label_map(sample.labels_path, volume)
-    value = {v: k for k, v in sample.label_names.items()}["kidney_right"]
-    profile = profile_labels(labels, [[value]], "kidney_right")
-    return volume, profile
+    value = {v: k for k, v in sample.label_names.items()}[name]
+    return volume, gt_profile(labels, value, name)
 
 
 def bench_repropagation(half_range: int) -> None:
@@ -72,7 +76,57 @@ def bench_repropagation(half_range: int) -> None:
     t_second = time.perf_counter() - t0
     print(f"[1] first propagation {t_first:.2f} s ({encoded} slices encoded); re-propagation after a box edit "
           f"{t_second:.2f} s ({prop.stats.encoded_slices - encoded} new slices encoded)")
-    print(f"    ratio first / re-propagation = {t_first / max(t_second, 1e-9):.1f}x   (Dice first vs edited {dice(first, second):.3f})")
+    print(f"    ratio first / re-propagation = {t_first / max(t_second, 1e-9):.1f}x   (Dice first vs edited {dice(first, second):.3f}; "
+          f"decoded prompts reused where the edited walk met the first one's)")
+    prop.reuse = False
+    t0 = time.perf_counter()
+    prop.propagate(EvidenceAnchor(k, (VoxelBox(box.i0 - 1, box.j0, box.i1 + 2, box.j1 - 2),)), slice_range=rng)
+    t_plain = time.perf_counter() - t0
+    print(f"    without reuse of decoded prompts: re-propagation {t_plain:.2f} s, ratio {t_first / max(t_plain, 1e-9):.1f}x")
+
+
+def bench_correction(target: str = "vertebrae_L3") -> None:
+    from MedVolR1Lib.anchor import EvidenceAnchor
+    from MedVolR1Lib.evidence import Evidence
+    from MedVolR1Lib.metrics import dice
+    from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
+    from MedVolR1Lib.propagation.simulated_user import next_correction
+
+    volume, profile = _kidney(target)
+    k = profile.key_slice
+    one = Evidence.single(EvidenceAnchor(k, tuple(profile.boxes(k))))
+    prop = LiteMedSAMPropagator()
+    prop.prepare(volume)
+    t0 = time.perf_counter()
+    first = prop.propagate(one)
+    t_first = time.perf_counter() - t0
+    two, action = next_correction(one, first > 0, profile)
+    t0 = time.perf_counter()
+    corrected = prop.propagate(two)
+    t_correction = time.perf_counter() - t0
+    prop.reuse = False
+    t0 = time.perf_counter()
+    full = prop.propagate(two)
+    t_full = time.perf_counter() - t0
+    print(f"[5] {target}: first propagation {t_first:.2f} s ({prop.stats.encoded_slices} slices encoded); correction '{action}': "
+          f"{t_correction:.2f} s with reuse vs {t_full:.2f} s full re-propagation (embeddings cached in both)")
+    print(f"    ratio full re-propagation / one added correction = {t_full / max(t_correction, 1e-9):.1f}x "
+          f"(masks agree: Dice {dice(corrected, full):.4f}); Dice vs reference {dice(first > 0, profile.mask):.3f} -> "
+          f"{dice(corrected > 0, profile.mask):.3f}")
+
+
+def bench_group(window: int = 8) -> None:
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_grpo import bench_coherence, prepare
+
+    data = Path(tempfile.mkdtemp(prefix="bench_group_")) / "data"
+    prepare(data, views=4, size=112)
+    c = bench_coherence(data, window)
+    print(f"[6] coherence reward, group of 8 (window +-{window}): {json.dumps(c)}")
+    print(f"    group of 8 / one propagation = {c['group_over_one']:.2f}x (target <= 1.5x)")
 
 
 def bench_encoder(volume_slices: int = 4) -> None:
@@ -229,6 +283,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-slices", type=int, default=300)
     parser.add_argument("--memory-encode", type=int, default=8)
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which numbered measurements to run (2 and 3 run together)")
     args = parser.parse_args(argv)
     import torch
 
@@ -236,10 +291,18 @@ def main(argv=None) -> None:
     if args.memory_child:
         memory_child(*args.memory_child)
         return
+    sections = {int(v) for v in args.sections.split(",") if v.strip()}
     print(f"torch {torch.__version__}, {args.threads} threads")
-    bench_repropagation(args.half_range)
-    bench_encoder()
-    bench_memory(args.memory_slices, args.memory_encode)
+    if 1 in sections:
+        bench_repropagation(args.half_range)
+    if sections & {2, 3}:
+        bench_encoder()
+    if 4 in sections:
+        bench_memory(args.memory_slices, args.memory_encode)
+    if 5 in sections:
+        bench_correction()
+    if 6 in sections:
+        bench_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ so re-propagating after a user edits a box, or scoring the 8 rollouts of a GRPO 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,21 @@ class Propagator(ABC):
         AnchorError). Returns uint8 (K, J, I): 0/1 when `merge`, else label b+1 for box b of the first anchor
         (later boxes win overlaps). `slice_range` (inclusive) limits the work to a window (coherence reward).
         """
+
+    def propagate_many(
+        self,
+        evidences: "Sequence[Evidence | EvidenceAnchor]",
+        *,
+        merge: bool = True,
+        slice_ranges: Optional[Sequence[Optional[tuple[int, int]]]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> list[np.ndarray]:
+        """`propagate` for each evidence (a GRPO group's rollouts); backends that can track them together
+        (LiteMedSAM: one decoder call per slice for all) override this."""
+        ranges = list(slice_ranges) if slice_ranges is not None else [None] * len(evidences)
+        if len(ranges) != len(evidences):
+            raise ValueError(f"{len(evidences)} evidences but {len(ranges)} slice ranges")
+        return [self.propagate(e, merge=merge, slice_range=r) for e, r in zip(evidences, ranges)]
 
     def describe(self) -> dict:
         """Identity for provenance (evidence.json): name, checkpoint path and hash."""

@@ -5,12 +5,17 @@ previous slice's mask box plus a margin, walking up and down until the mask vani
 leaks (the mask fills its box, the box grows by the margin, the next mask fills the larger box ...)
 or drifts onto a neighbour, so each step passes a few guards, all in `TrackingRules`.  The segmenter
 is a callback, so this module knows nothing about LiteMedSAM and is testable with a toy segmenter.
+
+Several objects (the boxes of an anchor, the anchors of a corrected evidence, the rollouts of a GRPO
+group) are tracked in lockstep (`track_walks`): each step asks the segmenter for all of them at once,
+so a batched segmenter decodes them in one call.  Several anchors split the slices between them
+(`anchor_ranges`, `compose`): each walk restarts from its own anchor's box.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -102,6 +107,132 @@ class TrackResult:
     stop_down: str = ""
 
 
+EDGE_REASONS = ("range edge", "volume edge")
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One box prompt on one slice.  `step` (+1 up, -1 down, 0 key slice) and `bound` (the last slice the
+    walk may reach in that direction) let the segmenter prefetch the embeddings the walk will need next."""
+
+    slice_index: int
+    box: VoxelBox
+    previous_logits: Optional[np.ndarray] = None
+    step: int = 0
+    bound: Optional[int] = None
+
+
+# segment_many(requests) -> one (mask bool (J, I), logits or None, score) per request, in order
+BatchSegmentFn = Callable[[Sequence[SegmentRequest]], list[tuple[np.ndarray, Optional[np.ndarray], float]]]
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One object tracked from one anchor: its box on the key slice and the inclusive slices it may visit."""
+
+    key_slice: int
+    box: VoxelBox
+    slice_range: tuple[int, int]
+
+
+@dataclass
+class _Front:
+    """Where one direction of one walk stands: the next slice to visit and the last accepted step."""
+
+    walk: int
+    step: int
+    k: int
+    mask: np.ndarray
+    logits: Optional[np.ndarray]
+    box: VoxelBox
+
+
+def track_walks(
+    segment_many: BatchSegmentFn,
+    walks: Sequence[Walk],
+    shape_kji: tuple[int, int, int],
+    rules: TrackingRules,
+    on_slice: Optional[Callable[[int], None]] = None,
+) -> list[TrackResult]:
+    """Track every walk in lockstep: one `segment_many` call per step for all walks and both directions.
+
+    Each walk follows exactly the rules of a walk on its own (the guards only look at that walk's previous
+    slice), so the result equals tracking the walks one by one; only the segmenter sees them batched.
+    """
+    shape_ji = (int(shape_kji[1]), int(shape_kji[2]))
+    num_slices = int(shape_kji[0])
+    results = [TrackResult(masks={}) for _ in walks]
+    if not walks:
+        return results
+    keys = segment_many([SegmentRequest(w.key_slice, w.box) for w in walks])
+    fronts: list[_Front] = []
+    for n, (walk, (mask, logits, _)) in enumerate(zip(walks, keys)):
+        if rules.clip_to_box:
+            mask = mask & box_mask(walk.box, shape_ji)
+        if on_slice:
+            on_slice(walk.key_slice)
+        if int(mask.sum()) < rules.min_area:
+            results[n].stop_up = results[n].stop_down = "empty key slice"
+            continue
+        results[n].masks[walk.key_slice] = mask
+        fronts += [_Front(n, step, walk.key_slice + step, mask, logits, walk.box) for step in (+1, -1)]
+
+    def finish(front: _Front, reason: str) -> None:
+        if front.step > 0:
+            results[front.walk].stop_up = reason
+        else:
+            results[front.walk].stop_down = reason
+
+    while fronts:
+        live: list[tuple[_Front, VoxelBox]] = []
+        requests: list[SegmentRequest] = []
+        for front in fronts:
+            lo, hi = walks[front.walk].slice_range
+            if not lo <= front.k <= hi:
+                finish(front, "volume edge" if not 0 <= front.k < num_slices else "range edge")
+                continue
+            prompt = next_box(front.mask, front.box, rules, shape_ji)
+            if prompt is None:
+                finish(front, "vanished")
+                continue
+            logits = front.logits if rules.use_mask_prompt else None
+            requests.append(SegmentRequest(front.k, prompt, logits, front.step, hi if front.step > 0 else lo))
+            live.append((front, prompt))
+        if not requests:
+            break
+        outputs = segment_many(requests)
+        fronts = []
+        for (front, prompt), (mask, logits, score) in zip(live, outputs):
+            if rules.clip_to_box:
+                mask = mask & box_mask(prompt, shape_ji)
+            if on_slice:
+                on_slice(front.k)
+            reason = _guard(mask, score, front.mask, rules)
+            if reason:
+                finish(front, reason)
+                continue
+            results[front.walk].masks[front.k] = mask
+            front.mask, front.logits, front.box = mask, logits, prompt
+            front.k += front.step
+            fronts.append(front)
+    return results
+
+
+def _guard(mask: np.ndarray, score: float, prev_mask: np.ndarray, rules: TrackingRules) -> str:
+    """Why this slice's mask ends the walk ("" when it is accepted)."""
+    area = int(mask.sum())
+    if area < rules.min_area:
+        return "vanished"
+    if rules.min_score > 0 and score < rules.min_score:
+        return f"low score {score:.2f}"
+    prev_area = int(prev_mask.sum())
+    if rules.max_area_ratio is not None and area > rules.max_area_ratio * prev_area:
+        return f"area jump {area}/{prev_area}"
+    if rules.min_overlap > 0 and (mask & prev_mask).sum() < rules.min_overlap * area:
+        return "drift"
+    return ""
+
+
 def track_object(
     segment: SegmentFn,
     key_slice: int,
@@ -112,53 +243,83 @@ def track_object(
     on_slice: Optional[Callable[[int], None]] = None,
 ) -> TrackResult:
     """Segment `box` on `key_slice`, then walk up (k+1 ...) and down (k-1 ...) within `slice_range`."""
-    shape_ji = (int(shape_kji[1]), int(shape_kji[2]))
-    key_mask, key_logits, _ = segment(key_slice, box, None)
-    if rules.clip_to_box:
-        key_mask = key_mask & box_mask(box, shape_ji)
-    result = TrackResult(masks={})
-    if int(key_mask.sum()) < rules.min_area:
-        result.stop_up = result.stop_down = "empty key slice"
-        return result
-    result.masks[key_slice] = key_mask
-    if on_slice:
-        on_slice(key_slice)
-    lo, hi = slice_range
-    for step in (+1, -1):
-        prev_mask, prev_logits, prev_box = key_mask, key_logits, box
-        k = key_slice + step
-        reason = "volume edge"
-        while lo <= k <= hi:
-            prompt = next_box(prev_mask, prev_box, rules, shape_ji)
-            if prompt is None:
-                reason = "vanished"
-                break
-            mask, logits, score = segment(k, prompt, prev_logits if rules.use_mask_prompt else None)
-            if rules.clip_to_box:
-                mask = mask & box_mask(prompt, shape_ji)
-            area = int(mask.sum())
-            if on_slice:
-                on_slice(k)
-            if area < rules.min_area:
-                reason = "vanished"
-                break
-            if rules.min_score > 0 and score < rules.min_score:
-                reason = f"low score {score:.2f}"
-                break
-            prev_area = int(prev_mask.sum())
-            if rules.max_area_ratio is not None and area > rules.max_area_ratio * prev_area:
-                reason = f"area jump {area}/{prev_area}"
-                break
-            if rules.min_overlap > 0 and (mask & prev_mask).sum() < rules.min_overlap * area:
-                reason = "drift"
-                break
-            result.masks[k] = mask
-            prev_mask, prev_logits, prev_box = mask, logits, prompt
-            k += step
-        if k > hi or k < lo:
-            reason = "range edge" if (lo, hi) != (0, int(shape_kji[0]) - 1) else "volume edge"
-        if step > 0:
-            result.stop_up = reason
+
+    def segment_many(requests: Sequence[SegmentRequest]):
+        return [segment(r.slice_index, r.box, r.previous_logits) for r in requests]
+
+    return track_walks(segment_many, [Walk(key_slice, box, slice_range)], shape_kji, rules, on_slice)[0]
+
+
+def truncate(result: TrackResult, walk_range: tuple[int, int], new_range: tuple[int, int]) -> Optional[TrackResult]:
+    """`result` (tracked within `walk_range`) as it would be within `new_range`, or None when it cannot say.
+
+    A walk is deterministic and each step looks only at the slice before it, so inside a narrower range it
+    visits the same slices and stops at the new edge; it also stands for a wider range in a direction where
+    it stopped on its own (not at the range edge)."""
+    (lo, hi), (new_lo, new_hi) = walk_range, new_range
+    if new_lo < lo and result.stop_down in EDGE_REASONS:
+        return None
+    if new_hi > hi and result.stop_up in EDGE_REASONS:
+        return None
+    masks = {k: m for k, m in result.masks.items() if new_lo <= k <= new_hi}
+    down = "range edge" if any(k < new_lo for k in result.masks) else result.stop_down
+    up = "range edge" if any(k > new_hi for k in result.masks) else result.stop_up
+    return TrackResult(masks, stop_up=up, stop_down=down)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several anchors: which slices each anchor's walks cover, and how their masks combine
+
+BETWEEN_MODES = ("nearest", "nearest_reached")
+
+
+def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str = "nearest") -> list[tuple[int, int]]:
+    """Inclusive slice range each anchor's walks may cover, anchors sorted by slice, inside [lo, hi].
+
+    nearest: a slice between two anchors belongs to the nearer one (a tie to the lower), so the walks stop
+        half-way and each slice is tracked once.
+    nearest_reached: walks run up to the next anchor; `compose` then gives each slice the nearest anchor
+        whose walk reached it (fills a gap where the nearer walk stopped early, at the cost of tracking it twice).
+    """
+    if between not in BETWEEN_MODES:
+        raise ValueError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
+    ks = [int(k) for k in anchor_slices]
+    if ks != sorted(set(ks)):
+        raise ValueError("anchor slices must be distinct and sorted")
+    ranges = []
+    for n, k in enumerate(ks):
+        below = ks[n - 1] if n > 0 else None
+        above = ks[n + 1] if n + 1 < len(ks) else None
+        if between == "nearest":
+            low = lo if below is None else (below + k) // 2 + 1
+            high = hi if above is None else (k + above) // 2
         else:
-            result.stop_down = reason
-    return result
+            low = lo if below is None else below + 1
+            high = hi if above is None else above - 1
+        ranges.append((low, high))
+    return ranges
+
+
+def compose(
+    anchor_slices: Sequence[int],
+    tracks: Sequence[Sequence[TrackResult]],
+    shape_kji: tuple[int, int, int],
+    *,
+    merge: bool = True,
+) -> np.ndarray:
+    """One uint8 mask from the walks of each anchor (tracks[n][b]: box b of the n-th anchor, sorted by slice).
+
+    Each slice takes the masks of the nearest anchor (a tie to the lower one) that has a mask there; with
+    `anchor_ranges(..., "nearest")` only one anchor can have one.  Value 1 when `merge`, else b + 1 (later
+    boxes of the chosen anchor win overlaps)."""
+    out = np.zeros(shape_kji, dtype=np.uint8)
+    ks = [int(k) for k in anchor_slices]
+    covered = sorted({k for boxes in tracks for track in boxes for k in track.masks})
+    for k in covered:
+        for n in sorted(range(len(ks)), key=lambda n: (abs(ks[n] - k), ks[n])):
+            present = [(b, track.masks[k]) for b, track in enumerate(tracks[n]) if k in track.masks]
+            if present:
+                for b, mask in present:
+                    out[k][mask] = 1 if merge else b + 1
+                break
+    return out

