@@ -155,7 +155,8 @@ class PrepareArguments:
     """Training/prepare_data.py: which cases, which targets, how views are rendered."""
 
     out_dir: str = field(default="runs/data", metadata={"help": "output folder (cases.json, train.jsonl, test.jsonl, report.json)"})
-    sample_ct: bool = field(default=True, metadata={"help": "include the embedded real sample CT"})
+    sample_ct: bool = field(default=True, metadata={"help": "include the embedded real sample CT (a training volume)"})
+    allow_seen_volumes: bool = field(default=False, metadata={"help": "also test on training volumes (held-out phrasings only): single-CT checks"})
     m3d_root: Optional[str] = field(default=None, metadata={"help": "M3D-Seg root folder (holds 0003/, 0004/, 0012/)"})
     m3d_datasets: str = field(default="0003,0004,0012", metadata={"help": "comma-separated dataset codes"})
     m3d_max_cases: int = field(default=0, metadata={"help": "per dataset and split; 0: all"})
@@ -177,8 +178,9 @@ class PrepareArguments:
 def prepare_dataset(args: PrepareArguments) -> dict:
     """Write cases.json, train.jsonl (train phrasings, train cases), test.jsonl (held-out phrasings, test cases).
 
-    The sample CT is a single case: it appears in both files, so its test rows differ by phrasing only
-    (held-out wording), which is what the learning check measures.
+    Test sets hold only volumes never trained on: a test case that is also a training case is left out and
+    reported.  The sample CT is a training volume; only with `allow_seen_volumes` (the single-CT learning
+    check and smoke chain) does it also appear in test.jsonl, its rows then differing by phrasing only.
     """
     from .records import write_records
     from .store import CaseSource, load_case, write_cases
@@ -205,8 +207,8 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                 for ref in refs:
                     source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
+    plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
     records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
-    skipped: list[dict] = []
     sources = {}
     for source, split, laterality in plans:
         config = PrepareConfig(
@@ -242,6 +244,19 @@ def prepare_dataset(args: PrepareArguments) -> dict:
 
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     return summary
+
+
+def exclude_seen_volumes(plans: list, allow: bool) -> tuple[list, list[dict]]:
+    """Drop (and report) test plans whose case is also a training case, unless explicitly allowed."""
+    trained = {source.case_id for source, split, _ in plans if split == "train"}
+    kept, skipped = [], []
+    for plan in plans:
+        source, split, _ = plan
+        if split == "test" and source.case_id in trained and not allow:
+            skipped.append({"case": source.case_id, "target": "*", "reason": "training volume left out of the test split", "split": split})
+        else:
+            kept.append(plan)
+    return kept, skipped
 
 
 def _dedupe(skipped: list[dict]) -> list[dict]:
