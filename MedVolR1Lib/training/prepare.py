@@ -209,6 +209,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
     plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
     records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
+    notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
     sources = {}
     for source, split, laterality in plans:
         config = PrepareConfig(
@@ -228,6 +229,8 @@ def prepare_dataset(args: PrepareArguments) -> dict:
             skipped.append({"case": source.case_id, "target": "*", "reason": f"unreadable case: {exc}"})
             continue
         sources[source.case_id] = source
+        if case.notes:
+            notes[source.case_id] = case.notes
         report = build_records(case, config, propagator=propagator if split == "train" else None)
         records[split] += report.records
         skipped += [{**s, "split": split} for s in report.skipped]
@@ -238,6 +241,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
         "records": {split: len(rows) for split, rows in records.items()},
         "targets": {split: sorted({r.target for r in rows}) for split, rows in records.items()},
         "skipped": _dedupe(skipped),
+        "cases": notes,
         "settings": {k: getattr(args, k) for k in args.__dataclass_fields__},
     }
     from ..volume import atomic_write
