@@ -35,6 +35,7 @@ class PrepareConfig:
     window: Optional[str] = None
     query_split: str = "train"  # "train" | "held_out" | "all"
     max_queries_per_target: int = 0  # 0: all phrasings of the split
+    query_kinds: tuple[str, ...] = ()  # only these kinds (e.g. ("paraphrase",) for KiTS23 (paraphrased)); (): all
     view_sets: int = 1  # >1: extra slice sets shifted along z (augmentation: the key slice moves)
     laterality: bool = True  # False for datasets whose orientation is not verified
     oracle_stride: int = 0  # >0: oracle curve Q(z) on every n-th shown slice showing the target (+ key slice)
@@ -92,6 +93,8 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
             queries = sample.queries if config.query_split == "all" else sample.queries_for(config.query_split)
             if not config.laterality:
                 queries = [q for q in queries if q.kind != "laterality"]
+            if config.query_kinds:
+                queries = [q for q in queries if q.kind in config.query_kinds]
             if config.max_queries_per_target and len(queries) > config.max_queries_per_target:
                 queries = rng.sample(queries, config.max_queries_per_target)
             if not queries:
@@ -162,6 +165,7 @@ class PrepareArguments:
     m3d_max_cases: int = field(default=0, metadata={"help": "per dataset and split; 0: all"})
     m3d_orientation: Optional[str] = field(default=None, metadata={"help": "override the assumed array orientation (e.g. RAS)"})
     m3d_laterality: bool = field(default=False, metadata={"help": "allow left/right queries on M3D-Seg (only after checking orientation)"})
+    paraphrased_test_datasets: str = field(default="", metadata={"help": "dataset codes whose test queries are paraphrases only (Table 1: '0004', KiTS23 (paraphrased))"})
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "comma-separated target keys"})
     num_views: int = 16
     image_size: int = 448
@@ -208,6 +212,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                     source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
     plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
+    paraphrased = {c.strip() for c in args.paraphrased_test_datasets.split(",") if c.strip()}
     records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
     notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
     sources = {}
@@ -216,6 +221,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
             targets=targets, num_views=args.num_views, image_size=args.image_size, window=args.view_window,
             query_split="train" if split == "train" else "held_out", max_queries_per_target=args.max_queries_per_target,
             view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
+            query_kinds=("paraphrase",) if split == "test" and source.dataset in paraphrased else (),
             oracle_stride=args.oracle_stride, oracle_window=None if args.oracle_window < 0 else args.oracle_window,
             seed=args.prepare_seed,
         )
