@@ -180,6 +180,19 @@ def _end_face_body_fraction(array: np.ndarray) -> list[float]:
     return fractions
 
 
+def segvol_normalise(array: np.ndarray) -> np.ndarray:
+    """M3D-Seg's intensities from HU (SegVol's data_process/train_data_process.py, as DESIGN.md section 5 reads it).
+
+    Foreground = voxels above the volume's mean; clip to its 0.05 / 99.95 percentiles; z-score with its
+    mean and std.  Used to measure what M3D-Seg's normalisation costs the propagators (docs/m3d_windows.md).
+    """
+    a = np.asarray(array, dtype=np.float32)
+    foreground = a[a > a.mean()]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    mean, std = float(foreground.mean()), float(foreground.std())
+    return ((np.clip(a, low, high) - mean) / max(std, 1e-8)).astype(np.float32)
+
+
 def detect_axial_axis(array: np.ndarray, *, margin: float = 0.2) -> AxialAxis:
     """The axial axis of a stored (a, b, c) array, never assumed: DataError when the data cannot tell.
 
