@@ -5,7 +5,7 @@ Published layout (BAAI-DCAI/M3D, ``Data/process/m3d_seg_data_prepare.py``; SegVo
     M3D_Seg/                       <- root
       0003/                        <- dataset code (AbdomenCT-1K)
         0003.json                  <- {"labels": {"0": "background", "1": "liver", ...}?, "train": [...], "test": [...]}
-        <case>/image.npy           <- float (1, X, Y, Z), foreground z-scored (not HU)
+        <case>/image.npy           <- float (1, a, b, c) in the source NIfTI's storage order, foreground z-scored (not HU)
         <case>/mask_(C, X, Y, Z).npz   <- scipy.sparse matrix (C, X*Y*Z) of the one-hot labels; channel c = label c+1
 
 Split entries are ``{"image": "0003/<case>/image.npy", "label": "0003/<case>/mask_(...).npz"}`` relative to the
@@ -14,7 +14,11 @@ absent we use the label table below (from the source datasets' documentation).
 
 What the files do NOT store, and what we assume (all overridable):
 - No affine: voxel spacing is unknown, so we use 1 mm (NSD/HD95 on M3D-Seg are then in voxels, not mm).
-- Orientation: the array axes (X, Y, Z) are taken to point toward the axis codes of `M3DDatasetInfo.orientation`
+- Axis order: SegVol's script loaded each NIfTI without reorienting it, so the arrays keep their source file's
+  storage order: (X, Y, Z) for most datasets, but KiTS19 (and probably KiTS23) stores (slices, height, width).
+  The axial axis is detected per case (`detect_axial_axis`: the axis outside the square in-plane matrix, else the
+  axis whose end faces the body fills) and recorded; a case where neither tells is refused, never assumed.
+- Orientation: the array axes, reordered to (X, Y, Z), are taken to point toward the axis codes of `M3DDatasetInfo.orientation`
   ("RAS": X -> Right, Y -> Anterior, Z -> Superior, nibabel convention).  This is an assumption, not a verified
   fact, so every dataset ships with ``orientation_verified=False`` and the VRS sample builder must not generate
   laterality queries ("left kidney") for it until someone checks a case visually and flips the flag.
@@ -60,12 +64,33 @@ DATASETS: dict[str, M3DDatasetInfo] = {
 }
 
 
+class AxialAxis(NamedTuple):
+    """Which stored array axis is axial, how that was decided and why (recorded per case)."""
+
+    axis: int  # index into the stored (a, b, c) array
+    storage_shape: tuple[int, int, int]
+    method: str  # "square in-plane matrix" | "body cut by the end faces" | "given"
+    reason: str
+
+    def to_xyz(self) -> tuple[int, int, int]:
+        """Transpose of the stored array to (X, Y, Z) = (columns, rows, slices).
+
+        Axial last: stored (X, Y, Z) as NIfTI writes it.  Axial first: KiTS's (slices, height, width), so
+        width -> X and height -> Y.  Axial in the middle has no known source: (a, c) -> (X, Y) by convention.
+        """
+        return {2: (0, 1, 2), 0: (2, 1, 0), 1: (0, 2, 1)}[self.axis]
+
+    def as_dict(self) -> dict:
+        return {"axial_axis": self.axis, "storage_shape": list(self.storage_shape), "method": self.method, "reason": self.reason}
+
+
 class M3DCase(NamedTuple):
-    """One loaded case; unpacks as ``volume, masks, label_names``."""
+    """One loaded case; unpacks as ``volume, masks, label_names, axes``."""
 
     volume: Volume
     masks: np.ndarray  # bool (C, K, J, I), canonical order like volume.array
     label_names: tuple[str, ...]
+    axes: AxialAxis
 
 
 @dataclass(frozen=True)
@@ -141,36 +166,106 @@ def _read_image(folder: Path) -> np.ndarray:
     return array
 
 
+def _end_face_body_fraction(array: np.ndarray) -> list[float]:
+    """Per axis, the mean fraction of body voxels on its first and last slab (SegVol's foreground: above the mean).
+
+    The scan cuts the body along the axial axis, so its end faces are full of body; the in-plane borders
+    are mostly air around the body's outline.
+    """
+    body = array > float(array.mean())
+    fractions = []
+    for axis in range(3):
+        faces = np.take(body, [0, body.shape[axis] - 1], axis=axis)
+        fractions.append(float(faces.mean()))
+    return fractions
+
+
+def segvol_normalise(array: np.ndarray) -> np.ndarray:
+    """M3D-Seg's intensities from HU (SegVol's data_process/train_data_process.py, as DESIGN.md section 5 reads it).
+
+    Foreground = voxels above the volume's mean; clip to its 0.05 / 99.95 percentiles; z-score with its
+    mean and std.  Used to measure what M3D-Seg's normalisation costs the propagators (docs/m3d_windows.md).
+    """
+    a = np.asarray(array, dtype=np.float32)
+    foreground = a[a > a.mean()]
+    low, high = np.percentile(foreground, [0.05, 99.95])
+    mean, std = float(foreground.mean()), float(foreground.std())
+    return ((np.clip(a, low, high) - mean) / max(std, 1e-8)).astype(np.float32)
+
+
+def detect_axial_axis(array: np.ndarray, *, margin: float = 0.2) -> AxialAxis:
+    """The axial axis of a stored (a, b, c) array, never assumed: DataError when the data cannot tell.
+
+    1. Shape: CT in-plane matrices are square (512 x 512): when exactly two sizes are equal, the third axis
+       is axial.  A cube (all equal) or three different sizes (cropped, resampled) says nothing.
+    2. Otherwise content: the axis whose end faces the body fills (fraction higher than the runner-up by
+       `margin`).  When the two disagree, the shape wins and the reason says so.
+    """
+    shape = tuple(int(n) for n in array.shape)
+    faces = _end_face_body_fraction(array)
+    order = sorted(range(3), key=lambda a: -faces[a])
+    by_faces = order[0] if faces[order[0]] - faces[order[1]] >= margin else None
+    face_text = "body fraction on the end faces " + ", ".join(f"axis {a}: {f:.2f}" for a, f in enumerate(faces))
+    pairs = [(a, b) for a in range(3) for b in range(a + 1, 3) if shape[a] == shape[b]]
+    if len(pairs) == 1:
+        axis = ({0, 1, 2} - set(pairs[0])).pop()
+        reason = f"axes {pairs[0][0]} and {pairs[0][1]} form the square {shape[pairs[0][0]]}x{shape[pairs[0][0]]} in-plane matrix; {face_text}"
+        if by_faces is not None and by_faces != axis:
+            reason += f" (content points to axis {by_faces}; the shape wins)"
+        return AxialAxis(axis, shape, "square in-plane matrix", reason)
+    if by_faces is not None:
+        why = "a cube" if len(set(shape)) == 1 else "no square in-plane pair"
+        return AxialAxis(by_faces, shape, "body cut by the end faces", f"shape {shape} is {why}; {face_text}")
+    raise DataError(f"cannot tell the axial axis of an array of shape {shape}: no square in-plane pair and {face_text} "
+                    f"(no axis leads by {margin}); pass axial_axis explicitly after looking at the case")
+
+
+def _given_axis(axial_axis: int, shape: tuple[int, int, int]) -> AxialAxis:
+    if axial_axis not in (0, 1, 2):
+        raise DataError(f"axial_axis must be 0, 1 or 2, got {axial_axis!r}")
+    return AxialAxis(int(axial_axis), shape, "given", "set by the caller")
+
+
 def load_m3d_image(
     folder: str | os.PathLike,
     *,
     orientation: Optional[str] = None,
     spacing: Optional[Sequence[float]] = None,
+    axial_axis: Optional[int] = None,
 ) -> Volume:
     """Read ``image.npy`` of a case folder as a canonical Volume (modality ZSCORE, assumed geometry)."""
-    folder = Path(folder)
+    return _load_image(Path(folder), orientation, spacing, axial_axis)[0]
+
+
+def _load_image(folder: Path, orientation, spacing, axial_axis) -> tuple[Volume, AxialAxis]:
     info = dataset_info_for(folder)
     orientation = orientation or (info.orientation if info else "RAS")
     spacing = tuple(spacing) if spacing is not None else (info.spacing if info else (1.0, 1.0, 1.0))
-    xyz = _read_image(folder)
+    stored = _read_image(folder)
+    try:
+        axes = detect_axial_axis(stored) if axial_axis is None else _given_axis(axial_axis, stored.shape)
+    except DataError as exc:
+        raise DataError(f"case {_case_name(folder)}: {exc}") from exc
+    xyz = np.transpose(stored, axes.to_xyz())
     # (X, Y, Z) is (i, j, k) of the source grid; volume_from_array wants (k, j, i).
     array_kji = np.transpose(xyz, (2, 1, 0)).astype(np.float32, copy=False)
-    return volume_from_array(
+    volume = volume_from_array(
         array_kji,
         orientation_affine(orientation, spacing),
         modality="ZSCORE",
         name=_case_name(folder).replace("/", "_"),
         path=str(folder / "image.npy"),
     )
+    return volume, axes
 
 
-def _read_masks(label_path: Path, case: str, image_shape_xyz: tuple[int, int, int]) -> np.ndarray:
-    """Sparse (C, X*Y*Z) one-hot -> dense bool (C, X, Y, Z), one channel at a time (no float blow-up)."""
+def _read_masks(label_path: Path, case: str, storage_shape: tuple[int, int, int]) -> np.ndarray:
+    """Sparse (C, a*b*c) one-hot -> dense bool (C, a, b, c) in the image's storage order, one channel at a time."""
     from scipy import sparse
 
     shape = mask_shape_from_name(label_path)
-    if tuple(shape[1:]) != tuple(image_shape_xyz):
-        raise DataError(f"case {case}: mask grid {shape[1:]} (from {label_path.name}) differs from image grid {image_shape_xyz}")
+    if tuple(shape[1:]) != tuple(storage_shape):
+        raise DataError(f"case {case}: mask grid {shape[1:]} (from {label_path.name}) differs from image grid {storage_shape}")
     try:
         matrix = sparse.load_npz(label_path)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
@@ -219,18 +314,18 @@ def load_m3d_case(
     orientation: Optional[str] = None,
     spacing: Optional[Sequence[float]] = None,
     label_path: Optional[str | os.PathLike] = None,
+    axial_axis: Optional[int] = None,
 ) -> M3DCase:
-    """Read a case folder: canonical Volume, bool masks (C, K, J, I) on the same canonical grid, channel names."""
+    """Read a case folder: canonical Volume, bool masks (C, K, J, I) on the same grid, channel names, axis decision."""
     folder = Path(folder)
     case = _case_name(folder)
-    volume = load_m3d_image(folder, orientation=orientation, spacing=spacing)
+    volume, axes = _load_image(folder, orientation, spacing, axial_axis)
     label_path = Path(label_path) if label_path is not None else find_mask_file(folder)
     assert volume.source is not None
-    image_shape_xyz = tuple(volume.source.shape_kji[::-1])
-    masks_cxyz = _read_masks(label_path, case, image_shape_xyz)  # type: ignore[arg-type]
+    masks_stored = _read_masks(label_path, case, axes.storage_shape)
     reo = volume.source.reorientation
-    masks = np.stack([reo.to_canonical(np.transpose(m, (2, 1, 0))) for m in masks_cxyz]).astype(bool)
-    return M3DCase(volume, masks, channel_label_names(folder, masks.shape[0]))
+    masks = np.stack([reo.to_canonical(np.transpose(np.transpose(m, axes.to_xyz()), (2, 1, 0))) for m in masks_stored]).astype(bool)
+    return M3DCase(volume, masks, channel_label_names(folder, masks.shape[0]), axes)
 
 
 def read_split(root: str | os.PathLike, code: str, split: str = "train") -> list[M3DCaseRef]:

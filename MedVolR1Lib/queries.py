@@ -2,7 +2,9 @@
 
 No public volumetric-reasoning queries exist for TotalSegmentator or M3D-Seg, so they are generated:
 direct ("segment the liver"), descriptive ("the organ that stores bile"), laterality ("the kidney on
-the patient's left"), multi-part ("both kidneys") and lesion-centred ("the mass in the kidney").
+the patient's left"), multi-part ("both kidneys"), lesion-centred ("the mass in the kidney") and, for the
+KiTS23 lesions, paraphrases that never name them ("the obvious fluid-filled sac in the kidney"), the
+paper's "KiTS23 (paraphrased)" column.
 Every phrasing belongs to exactly one split: the held-out ones are never used for training, so an
 evaluation on them measures generalisation to new wording, not recall of the training sentences.
 
@@ -20,7 +22,7 @@ from typing import Optional
 
 from .errors import DataError
 
-QUERY_KINDS = ("direct", "descriptive", "laterality", "multi_part", "lesion")
+QUERY_KINDS = ("direct", "descriptive", "laterality", "multi_part", "lesion", "paraphrase")
 SPLITS = ("train", "held_out")
 
 # Sentence frames; {x} is a noun phrase ("the liver", "both kidneys", "the organ that stores bile").
@@ -161,12 +163,27 @@ def _paired(key: str, plural_noun: str, right: tuple[str, ...], left: tuple[str,
     )
 
 
-def _lesion(key: str, noun: str, organ: str, train: tuple[str, ...], held: tuple[str, ...], *aliases: str) -> TargetEntry:
-    return TargetEntry(
-        key=key,
-        sources=tuple(((a,),) for a in (key, *aliases)),
-        phrases={"direct": _p((f"the {noun}",), (f"any {noun}",)), "lesion": _p(train, held)},
-    )
+def _lesion(key: str, noun: str, organ: str, train: tuple[str, ...], held: tuple[str, ...], *aliases: str, paraphrase: Phrases = Phrases()) -> TargetEntry:
+    phrases = {"direct": _p((f"the {noun}",), (f"any {noun}",)), "lesion": _p(train, held)}
+    if paraphrase.train or paraphrase.held_out:
+        phrases["paraphrase"] = paraphrase
+    return TargetEntry(key=key, sources=tuple(((a,),) for a in (key, *aliases)), phrases=phrases)
+
+
+# KiTS23 paraphrases: what the lesion looks like, never its name (no "tumour", "cancer", "cyst", "lesion").
+# The target is the lesion itself (KiTS23 labels 2 and 3), described through the kidney that holds it.
+KITS23_PARAPHRASES: dict[str, Phrases] = {
+    "kidney_tumor": _p(
+        ("the solid mass growing from the kidney", "the enhancing lump that distorts the kidney outline",
+         "the abnormal solid growth in the renal parenchyma", "the kidney's bulging solid nodule"),
+        ("the solid growth that deforms the kidney", "the heterogeneous lump arising from the kidney"),
+    ),
+    "kidney_cyst": _p(
+        ("the obvious fluid-filled sac in the kidney", "the round water-density pocket in the kidney",
+         "the thin-walled bubble of fluid on the kidney"),
+        ("the smooth watery pouch the kidney contains", "the dark watery blister sitting on the kidney"),
+    ),
+}
 
 
 ENTRIES: tuple[TargetEntry, ...] = (
@@ -202,8 +219,10 @@ ENTRIES: tuple[TargetEntry, ...] = (
     _sided("lung_right", "lung", "right", patterns=("lung_right", "lung_*_right")),
     _sided("lung_left", "lung", "left", patterns=("lung_left", "lung_*_left")),
     _paired("lungs", "lungs", ("lung_right", "lung_*_right"), ("lung_left", "lung_*_left"), ("lungs", "lung"), ("the organs of breathing",), ("the air-filled organs in the chest",)),
-    _lesion("kidney_tumor", "kidney tumour", "kidney", ("the tumour in the kidney", "the renal mass"), ("the renal tumour", "the malignant-looking lesion of the kidney")),
-    _lesion("kidney_cyst", "kidney cyst", "kidney", ("the cyst in the kidney", "the fluid-filled renal lesion"), ("the renal cyst",)),
+    _lesion("kidney_tumor", "kidney tumour", "kidney", ("the tumour in the kidney", "the renal mass"), ("the renal tumour", "the malignant-looking lesion of the kidney"),
+            paraphrase=KITS23_PARAPHRASES["kidney_tumor"]),
+    _lesion("kidney_cyst", "kidney cyst", "kidney", ("the cyst in the kidney", "the fluid-filled renal lesion"), ("the renal cyst",),
+            paraphrase=KITS23_PARAPHRASES["kidney_cyst"]),
     _lesion("kidney_cyst_right", "right kidney cyst", "kidney", ("the cyst in the right kidney",), ("the cystic lesion of the patient's right kidney",)),
     _lesion("kidney_cyst_left", "left kidney cyst", "kidney", ("the cyst in the left kidney",), ("the cystic lesion of the patient's left kidney",)),
     _lesion("liver_tumor", "liver tumour", "liver", ("the tumour in the liver", "the hepatic lesion"), ("the liver mass",), "liver_lesion"),

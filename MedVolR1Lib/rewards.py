@@ -149,11 +149,12 @@ def completion_text(completion: Any) -> str:
 
 
 def format_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget) -> float:
-    """Graded format credit: 0 when unparseable; 1 only for a think + answer with a shown slice and valid boxes.
+    """Graded format credit: 0 when unparseable; 1 only for a think + answer the grounder accepts as is.
 
     0.4 for a parseable answer, 0.1 for a non-empty think, 0.2 for a shown slice, 0.3 scaled by the
-    fraction of boxes that are proper and inside the image and by max_boxes / n when there are too many.
-    A score of 1 means exactly: think present and `anchor.answer_problems` finds nothing (tested).
+    fraction of usable boxes (proper, inside the image and touching the scan, not only its black padding,
+    which the grounder rejects) and by max_boxes / n when there are too many.  A score of 1 means exactly:
+    think present, `anchor.answer_problems` finds nothing and every box touches the scan (tested).
     """
     if not isinstance(parsed, ParsedAnswer):
         return 0.0
@@ -163,18 +164,34 @@ def format_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget
     if parsed.slice_index in target.shown_slices:
         score += 0.2
     size = float(target.image_size)
+    geometry = target.view_geometry()
     boxes = parsed.boxes
-    valid = sum(1 for x1, y1, x2, y2 in boxes if x1 < x2 and y1 < y2 and min(x1, y1) >= 0 and max(x2, y2) <= size)
+    valid = sum(
+        1 for x1, y1, x2, y2 in boxes
+        if x1 < x2 and y1 < y2 and min(x1, y1) >= 0 and max(x2, y2) <= size and on_scan(geometry, (x1, y1, x2, y2))
+    )
     n = len(boxes)
     score += 0.3 * (valid / n) * min(1.0, target.max_boxes / n)
     return float(min(1.0, score))
 
 
-def _oracle_at(oracle: Mapping[int, float], z: Sequence[int]) -> np.ndarray:
-    """Q at slices z, linearly interpolated between the precomputed slices and 0 outside them."""
+def on_scan(geometry: ViewGeometry, box: Sequence[float]) -> bool:
+    """Whether the grounder would accept this pixel box: it must touch the scan, not lie in the padding only."""
+    try:
+        EvidenceAnchor(0, (geometry.to_voxel_box(box),)).validate((1, *geometry.shape_ji))
+    except AnchorError:
+        return False
+    return True
+
+
+def _oracle_at(oracle: Mapping[int, float], z: Sequence[int], areas: Sequence[float]) -> np.ndarray:
+    """Q at slices z: linear between the precomputed slices, held at the end values over the rest of the
+    slices that show the target (stride sampling rarely lands on its last slice), 0 where it is absent."""
     known = np.asarray(sorted(oracle), dtype=float)
     values = np.asarray([oracle[int(k)] for k in known], dtype=float)
-    return np.interp(np.asarray(z, dtype=float), known, values, left=0.0, right=0.0)
+    z = np.asarray(z, dtype=int)
+    visible = np.asarray(areas, dtype=float)[z] > 0
+    return np.where(visible, np.interp(z.astype(float), known, values), 0.0)
 
 
 def slice_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget, source: str = "auto") -> float:
@@ -189,7 +206,7 @@ def slice_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget,
     if k not in shown or not 0 <= k < target.num_slices:
         return 0.0
     if source in ("auto", "oracle") and target.oracle:
-        curve = _oracle_at(target.oracle, shown)
+        curve = _oracle_at(target.oracle, shown, target.slice_areas)
         best = float(curve.max())
         if best > 0:
             return float(np.clip(curve[shown.index(k)] / best, 0.0, 1.0))

@@ -100,6 +100,49 @@ def test_oracle_curve_replaces_area_when_present():
     assert _scores(_answer(6, [B]), _target(oracle={0: 0.0}))["slice"] == pytest.approx(0.8)  # auto falls back
 
 
+def test_oracle_slice_reward_covers_every_visible_slice_beyond_the_sampled_points():
+    # stride sampling computed Q on slices 2 and 4 only; slice 6 still shows the target (area 8)
+    target = _target(oracle={2: 0.5, 4: 0.8})
+    assert _scores(_answer(6, [B]), target)["slice"] == pytest.approx(1.0)  # held at Q(4), was 0 (right=0.0)
+    assert _scores(_answer(2, [A]), target)["slice"] == pytest.approx(0.5 / 0.8)
+    absent = _target(oracle={2: 0.5, 4: 0.8}, shown_slices=[2, 4, 7], gt_boxes={2: [A], 4: [A, B], 7: []})
+    assert _scores(_answer(7, [B]), absent)["slice"] == 0.0  # a shown slice without the target stays 0
+
+
+def _padded_target() -> RewardTarget:
+    # a 56-row x 112-column scan shown at 112 px: rows 0..27.9 and 84.1..112 of the image are black padding
+    geometry = {"image_size": 112, "pixels_per_voxel_x": 1.0, "pixels_per_voxel_y": 1.0, "offset_x": 0.0, "offset_y": 28.0, "shape_ji": [56, 112]}
+    return _target(geometry=geometry)
+
+
+def test_boxes_only_in_the_black_padding_lose_format_credit_like_the_grounder_rejects_them():
+    from MedVolR1Lib.errors import AnchorError
+
+    target = _padded_target()
+    padding, straddling = [10, 2, 30, 20], [10, 20, 30, 40]
+    assert _scores(_answer(4, [padding]), target)["format"] == pytest.approx(0.7)
+    assert _scores(_answer(4, [straddling]), target)["format"] == pytest.approx(1.0)
+    geometry = target.view_geometry()
+    with pytest.raises(AnchorError):
+        geometry.anchor_from_answer(parse_answer(_answer(4, [padding])), target.num_slices)
+    geometry.anchor_from_answer(parse_answer(_answer(4, [straddling])), target.num_slices)  # accepted (clipped)
+
+
+@settings(max_examples=100, deadline=None)
+@given(boxes=st.lists(st.tuples(*[st.integers(-5, 117)] * 4), min_size=1, max_size=4))
+def test_format_is_one_exactly_when_the_grounder_accepts_the_answer(boxes):
+    from MedVolR1Lib.errors import AnchorError
+
+    target = _padded_target()
+    parsed = parse_answer(format_answer(4, boxes, "kidney"))
+    try:
+        target.view_geometry().anchor_from_answer(parsed, target.num_slices)
+        accepted = not answer_problems(parsed, target.rules())
+    except AnchorError:
+        accepted = False
+    assert (format_score(parsed, target) == pytest.approx(1.0)) == accepted
+
+
 def test_graded_format_credit():
     t = _target()
     assert _scores(format_answer(4, [A, B]), t)["format"] == pytest.approx(0.9)  # no think

@@ -117,6 +117,57 @@ def test_required_names_are_known():
     assert any("bile" in q.text for q in queries_for("gallbladder"))
 
 
+def test_kits23_paraphrases_never_name_the_lesion_and_keep_train_and_test_apart():
+    import re
+
+    for target in ("kidney_tumor", "kidney_cyst"):
+        train = {q.text for q in queries_for(target, "train") if q.kind == "paraphrase"}
+        held = {q.text for q in queries_for(target, "held_out") if q.kind == "paraphrase"}
+        assert train and held and not train & held
+        for text in train | held:
+            assert not re.search(r"tumou?r|cancer|cyst|lesion", text, re.IGNORECASE), text
+    assert "Segment the obvious fluid-filled sac in the kidney." in {q.text for q in queries_for("kidney_cyst", "train")}
+
+
+def _kits_case(root, case: str) -> None:
+    """A KiTS23-like M3D-Seg case: channels kidney, kidney_tumor, kidney_cyst (empty); square in-plane, axial last."""
+    from scipy import sparse
+
+    n, z = 28, 12
+    image = np.full((n, n, z), -2.0, dtype=np.float32)
+    image[2:26, 2:24] = 0.0  # body through every slice
+    onehot = np.zeros((3, n, n, z), dtype=bool)
+    onehot[0, 6:16, 8:18, 2:10] = True
+    onehot[1, 9:14, 11:16, 4:8] = True
+    onehot[0] &= ~onehot[1]
+    image[onehot[0]], image[onehot[1]] = 1.0, 2.0
+    folder = root / "0004" / case
+    folder.mkdir(parents=True)
+    np.save(folder / "image.npy", image[None])
+    sparse.save_npz(folder / f"mask_(3, {n}, {n}, {z}).npz", sparse.csr_matrix(onehot.reshape(3, -1).astype(np.float32)))
+    meta_path = root / "0004" / "0004.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"train": [], "test": []}
+    meta["test" if case.endswith("t") else "train"].append({"image": f"0004/{case}/image.npy", "label": f"0004/{case}/mask_(3, {n}, {n}, {z}).npz"})
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_paraphrased_test_dataset_gets_only_held_out_paraphrases(tmp_path):
+    from MedVolR1Lib.training.prepare import PrepareArguments, prepare_dataset
+    from MedVolR1Lib.training.records import read_records
+
+    root = tmp_path / "M3D_Seg"
+    _kits_case(root, "a")
+    _kits_case(root, "bt")
+    prepare_dataset(PrepareArguments(
+        out_dir=str(tmp_path / "data"), sample_ct=False, m3d_root=str(root), m3d_datasets="0004", paraphrased_test_datasets="0004",
+        targets="kidney_tumor,kidneys", num_views=4, image_size=56,
+    ))
+    train, test = read_records(tmp_path / "data" / "train.jsonl"), read_records(tmp_path / "data" / "test.jsonl")
+    assert {r.target for r in test} == {"kidney_tumor"} and {r.query_kind for r in test} == {"paraphrase"}
+    assert {r.query_split for r in test} == {"held_out"} and not {r.query for r in train} & {r.query for r in test}
+    assert "paraphrase" in {r.query_kind for r in train if r.target == "kidney_tumor"} and "kidneys" in {r.target for r in train}
+
+
 def test_unknown_target_is_a_data_error_naming_it():
     with pytest.raises(DataError, match="'flux_capacitor'"):
         get_entry("flux_capacitor")

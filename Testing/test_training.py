@@ -234,7 +234,7 @@ def test_empty_mask_and_corrupt_case_are_skipped_and_reported(tmp_path):
     from MedVolR1Lib.training.records import read_records
 
     root = tmp_path / "M3D_Seg"
-    X, Y, Z = 40, 36, 24
+    X, Y, Z = 40, 40, 24  # square in-plane matrix: the reader finds the axial axis
     entries = []
     for case in ("c1", "c2"):
         folder = root / "0003" / case
@@ -260,6 +260,8 @@ def test_empty_mask_and_corrupt_case_are_skipped_and_reported(tmp_path):
     assert "0003/c2" in reasons[("0003/c2", "*")] and "unreadable" in reasons[("0003/c2", "*")]
     report = json.loads((tmp_path / "data" / "report.json").read_text())
     assert report["skipped"] == summary["skipped"]
+    axes = report["cases"]["0003/c1"]  # the reader's axial-axis decision is recorded per case, with its reason
+    assert axes["axial_axis"] == 2 and axes["method"] == "square in-plane matrix" and "40x40" in axes["reason"]
 
 
 def test_coherence_reward_shares_one_prepared_propagator_across_a_group(tmp_path):

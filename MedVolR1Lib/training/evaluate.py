@@ -7,8 +7,12 @@ Rows ("methods"):
 - each checkpoint (base, SFT, SFT+GRPO, ...), and ``<checkpoint>+blank``: the same model shown black
   images (a constant volume on the same grid), so what it gains from looking is visible.
 Anchor metrics: format validity, slice hit (the chosen slice shows the target), key-slice match,
-matched box IoU on the chosen slice.  Mask metrics (with a propagator): Dice and NSD at native
-resolution; `eval_window >= 0` propagates and scores only k +- W slices (cheap CI setting).
+matched box IoU on the chosen slice.  Mask metrics (with a propagator): Dice, IoU and NSD at native
+resolution, on the same voxels for every method: the whole volume, or (`eval_window >= 0`, the cheap CI
+setting) the GT key slice +- W.  Never a window around the method's own slice: a wrong-slice answer
+would then be scored on empty-vs-empty slices and get Dice 1.
+Test volumes must be unseen in training (the prior file's cases); `allow_seen_volumes` is the explicit
+opt-in of the single-CT checks, and the report then says so in its first line.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .records import VRSRecord, read_records
 from .store import VolumeStore
 
 ANCHOR_METRICS = ("format_valid", "slice_hit", "key_slice", "box_iou")
-MASK_METRICS = ("dice", "nsd")
+MASK_METRICS = ("dice", "iou", "nsd")
 
 
 @dataclass
@@ -46,7 +50,8 @@ class EvalArguments:
     blank_control: bool = field(default=True, metadata={"help": "add '<name>+blank' rows (images blanked)"})
     propagator: str = field(default="litemedsam", metadata={"help": "litemedsam | medsam2 | none (anchor metrics only)"})
     sam_checkpoint: Optional[str] = None
-    eval_window: int = field(default=-1, metadata={"help": "propagate and score k +- W slices; -1: whole volume"})
+    eval_window: int = field(default=-1, metadata={"help": "score the GT key slice +- W for every method; -1: whole volume"})
+    allow_seen_volumes: bool = field(default=False, metadata={"help": "let test volumes be training volumes (single-CT checks only; the report says so)"})
     max_records: int = field(default=0, metadata={"help": "0: all"})
     max_new_tokens: int = 128
     report_dir: str = field(default="runs/eval", metadata={"help": "report.md, results.csv, per_record.csv, metrics.png"})
@@ -182,20 +187,34 @@ def anchor_scores(record: VRSRecord, guess: AnchorGuess) -> dict[str, float]:
     }
 
 
+def scored_slices(record: VRSRecord, num_slices: int, window: int) -> tuple[int, int]:
+    """Inclusive slice range every method is scored on: fixed by the GT (key slice +- W), or the whole volume."""
+    if window < 0:
+        return 0, num_slices - 1
+    return max(0, record.gt_slice - window), min(num_slices - 1, record.gt_slice + window)
+
+
 def mask_scores(store: VolumeStore, record: VRSRecord, anchor: Optional[EvidenceAnchor], window: int, tolerance: float) -> dict[str, float]:
+    """Dice / IoU / NSD on `scored_slices`; the propagation also covers the anchor's slice when it lies outside."""
+    from ..errors import DataError
     from ..metrics import array_spacing, score_masks
 
     case = store.case(record.case_id)
-    gt = case.target_mask(record.labels)
+    z0, z1 = scored_slices(record, case.volume.num_slices, window)
+    gt = case.target_mask(record.labels)[z0 : z1 + 1]
+    if not gt.any():  # empty-vs-empty would score 1: a record without target voxels is a data error
+        raise DataError(f"record {record.id}: no target voxels in the scored slices {z0}-{z1}")
     if anchor is None:
-        return {"dice": 0.0, "nsd": 0.0}
-    propagator = store.propagator(record.case_id)
-    last = case.volume.num_slices - 1
+        return {"dice": 0.0, "iou": 0.0, "nsd": 0.0}
     k = anchor.slice_index
-    z0, z1 = (0, last) if window < 0 else (max(0, k - window), min(last, k + window))
-    pred = np.asarray(propagator.propagate(anchor, merge=True, slice_range=(z0, z1))) > 0
-    scores = score_masks(pred[z0 : z1 + 1], gt[z0 : z1 + 1], array_spacing(case.volume), tolerance)
-    return {"dice": scores.dice, "nsd": scores.nsd}
+    pred = np.asarray(store.propagator(record.case_id).propagate(anchor, merge=True, slice_range=(min(z0, k), max(z1, k)))) > 0
+    scores = score_masks(pred[z0 : z1 + 1], gt, array_spacing(case.volume), tolerance)
+    return {"dice": scores.dice, "iou": scores.iou, "nsd": scores.nsd}
+
+
+def seen_volumes(test: Sequence[VRSRecord], train: Sequence[VRSRecord]) -> list[str]:
+    """Test cases that are also training cases (split contamination)."""
+    return sorted({r.case_id for r in test} & {r.case_id for r in train})
 
 
 def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = None) -> dict:
@@ -208,7 +227,14 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
     records = read_records(data / f"{args.eval_file}.jsonl")
     if args.max_records:
         records = records[: args.max_records]
-    prior = BlindPrior(read_records(data / f"{args.prior_file}.jsonl"))
+    train = read_records(data / f"{args.prior_file}.jsonl")
+    seen = seen_volumes(records, train)
+    if seen and not args.allow_seen_volumes:
+        from ..errors import DataError
+
+        raise DataError(f"test volumes {', '.join(seen)} are training volumes ({args.prior_file}); evaluate on unseen volumes "
+                        "(allow_seen_volumes only for single-CT checks)")
+    prior = BlindPrior(train)
     factory = None
     if args.propagator != "none":
         from ..propagation.factory import build_propagator
@@ -236,24 +262,45 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
     summary = summarise(rows, [m for m, _ in guesses] if records else [])
     summary["seconds"] = time.perf_counter() - started
     summary["settings"] = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    summary["seen_volumes"] = seen
     write_report(Path(args.report_dir), rows, summary, args)
     return summary
 
 
 def summarise(rows: list[dict], methods: Sequence[str]) -> dict:
+    """Means per (method, "all", "all"), (method, dataset, "all") and (method, dataset, target), over records."""
     metrics = [m for m in ANCHOR_METRICS + MASK_METRICS if rows and m in rows[0]]
     table: list[dict] = []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["method"], "all", "all")].append(row)
+        groups[(row["method"], row["dataset"], "all")].append(row)
         groups[(row["method"], row["dataset"], row["target"])].append(row)
     order = {m: n for n, m in enumerate(methods)}
-    for (method, dataset, target), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != "all", kv[0][1], kv[0][2])):
+    for (method, dataset, target), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] != "all", kv[0][1], kv[0][2] != "all", kv[0][2])):
         entry = {"method": method, "dataset": dataset, "target": target, "n": len(members)}
         for m in metrics:
             entry[m] = float(np.mean([r[m] for r in members]))
         table.append(entry)
     return {"metrics": metrics, "table": table, "methods": list(methods)}
+
+
+def dataset_title(code: str) -> str:
+    from ..m3d import DATASETS
+
+    return f"{DATASETS[code].name} ({code})" if code in DATASETS else ("sample CT" if code == "sample" else code)
+
+
+def table1(summary: dict, cell) -> list[str]:
+    """Rows = methods, columns = datasets (Table 1's layout); `cell(entry)` formats one cell."""
+    entries = {(e["method"], e["dataset"]): e for e in summary["table"] if e["target"] == "all"}
+    datasets = sorted({d for _, d in entries if d != "all"})
+    columns = datasets + (["all"] if len(datasets) > 1 else [])
+    lines = ["| method | " + " | ".join(dataset_title(d) if d != "all" else "all records" for d in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for method in summary["methods"]:
+        lines.append(f"| {method} | " + " | ".join(cell(entries[(method, d)]) if (method, d) in entries else "-" for d in columns) + " |")
+    return lines
 
 
 def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArguments) -> None:
@@ -273,19 +320,26 @@ def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArgume
     if rows:
         write_csv(folder / "per_record.csv", rows, list(rows[0].keys()))
     overall = [e for e in summary["table"] if e["dataset"] == "all"]
-    lines = [
-        "# MedVol-R1 evaluation",
-        "",
+    seen = summary.get("seen_volumes") or []
+    scope = f"the GT key slice +- {args.eval_window} (the same slices for every method)" if args.eval_window >= 0 else "the whole volume"
+    lines = ["# MedVol-R1 evaluation", ""]
+    if seen:
+        lines += [f"**Test volumes seen in training: {', '.join(seen)}.** Only the query phrasings (and slice sets) are held out; "
+                  "this is not a result on unseen scans.", ""]
+    lines += [
         f"Split `{args.eval_file}` of `{args.eval_data_dir}`, {len({r['record'] for r in rows})} records; propagator "
-        f"`{args.propagator}`" + (f", scored within k +- {args.eval_window} slices" if args.eval_window >= 0 else ", whole volume") + ".",
+        f"`{args.propagator}`, masks scored on {scope}.",
         "`oracle` = GT anchor through the same propagator (ceiling); `blind_prior` = per-target modal key-slice position and "
         "mean box, no image; `<name>+blank` = the same model shown black images.",
         "",
-        "## Overall",
-        "",
-        "| method | n | " + " | ".join(metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
     ]
+    if "dice" in metrics:
+        lines += ["## DSC (IoU) per dataset, % (Table 1 layout)", ""]
+        lines += table1(summary, lambda e: f"{100 * e['dice']:.2f} ({100 * e['iou']:.2f})")
+        lines += ["", f"## NSD per dataset, % (tolerance {args.nsd_tolerance_mm:g} mm)", ""]
+        lines += table1(summary, lambda e: f"{100 * e['nsd']:.2f}")
+        lines += [""]
+    lines += ["## Overall", "", "| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     lines += [f"| {e['method']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" for e in overall]
     lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |",
               "|---|---|---|---|" + "---|" * len(metrics)]

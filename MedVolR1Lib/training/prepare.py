@@ -36,6 +36,7 @@ class PrepareConfig:
     window: Optional[str] = None
     query_split: str = "train"  # "train" | "held_out" | "all"
     max_queries_per_target: int = 0  # 0: all phrasings of the split
+    query_kinds: tuple[str, ...] = ()  # only these kinds (e.g. ("paraphrase",) for KiTS23 (paraphrased)); (): all
     view_sets: int = 1  # >1: extra slice sets shifted along z (augmentation: the key slice moves)
     laterality: bool = True  # False for datasets whose orientation is not verified
     oracle_stride: int = 0  # >0: oracle curve Q(z) on every n-th shown slice showing the target (+ key slice)
@@ -93,6 +94,8 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
             queries = sample.queries if config.query_split == "all" else sample.queries_for(config.query_split)
             if not config.laterality:
                 queries = [q for q in queries if q.kind != "laterality"]
+            if config.query_kinds:
+                queries = [q for q in queries if q.kind in config.query_kinds]
             if config.max_queries_per_target and len(queries) > config.max_queries_per_target:
                 queries = rng.sample(queries, config.max_queries_per_target)
             if not queries:
@@ -156,12 +159,14 @@ class PrepareArguments:
     """Training/prepare_data.py: which cases, which targets, how views are rendered."""
 
     out_dir: str = field(default="runs/data", metadata={"help": "output folder (cases.json, train.jsonl, test.jsonl, report.json)"})
-    sample_ct: bool = field(default=True, metadata={"help": "include the embedded real sample CT"})
+    sample_ct: bool = field(default=True, metadata={"help": "include the embedded real sample CT (a training volume)"})
+    allow_seen_volumes: bool = field(default=False, metadata={"help": "also test on training volumes (held-out phrasings only): single-CT checks"})
     m3d_root: Optional[str] = field(default=None, metadata={"help": "M3D-Seg root folder (holds 0003/, 0004/, 0012/)"})
     m3d_datasets: str = field(default="0003,0004,0012", metadata={"help": "comma-separated dataset codes"})
     m3d_max_cases: int = field(default=0, metadata={"help": "per dataset and split; 0: all"})
     m3d_orientation: Optional[str] = field(default=None, metadata={"help": "override the assumed array orientation (e.g. RAS)"})
     m3d_laterality: bool = field(default=False, metadata={"help": "allow left/right queries on M3D-Seg (only after checking orientation)"})
+    paraphrased_test_datasets: str = field(default="", metadata={"help": "dataset codes whose test queries are paraphrases only (Table 1: '0004', KiTS23 (paraphrased))"})
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "comma-separated target keys"})
     num_views: int = 16
     image_size: int = 448
@@ -178,8 +183,9 @@ class PrepareArguments:
 def prepare_dataset(args: PrepareArguments) -> dict:
     """Write cases.json, train.jsonl (train phrasings, train cases), test.jsonl (held-out phrasings, test cases).
 
-    The sample CT is a single case: it appears in both files, so its test rows differ by phrasing only
-    (held-out wording), which is what the learning check measures.
+    Test sets hold only volumes never trained on: a test case that is also a training case is left out and
+    reported.  The sample CT is a training volume; only with `allow_seen_volumes` (the single-CT learning
+    check and smoke chain) does it also appear in test.jsonl, its rows then differing by phrasing only.
     """
     from .records import write_records
     from .store import CaseSource, load_case, write_cases
@@ -206,14 +212,17 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                 for ref in refs:
                     source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
+    plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
+    paraphrased = {c.strip() for c in args.paraphrased_test_datasets.split(",") if c.strip()}
     records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
-    skipped: list[dict] = []
+    notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
     sources = {}
     for source, split, laterality in plans:
         config = PrepareConfig(
             targets=targets, num_views=args.num_views, image_size=args.image_size, window=args.view_window,
             query_split="train" if split == "train" else "held_out", max_queries_per_target=args.max_queries_per_target,
             view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
+            query_kinds=("paraphrase",) if split == "test" and source.dataset in paraphrased else (),
             oracle_stride=args.oracle_stride, oracle_window=None if args.oracle_window < 0 else args.oracle_window,
             seed=args.prepare_seed,
         )
@@ -227,6 +236,8 @@ def prepare_dataset(args: PrepareArguments) -> dict:
             skipped.append({"case": source.case_id, "target": "*", "reason": f"unreadable case: {exc}"})
             continue
         sources[source.case_id] = source
+        if case.notes:
+            notes[source.case_id] = case.notes
         report = build_records(case, config, propagator=propagator if split == "train" else None)
         records[split] += report.records
         skipped += [{**s, "split": split} for s in report.skipped]
@@ -237,12 +248,26 @@ def prepare_dataset(args: PrepareArguments) -> dict:
         "records": {split: len(rows) for split, rows in records.items()},
         "targets": {split: sorted({r.target for r in rows}) for split, rows in records.items()},
         "skipped": _dedupe(skipped),
+        "cases": notes,
         "settings": {k: getattr(args, k) for k in args.__dataclass_fields__},
     }
     from ..volume import atomic_write
 
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     return summary
+
+
+def exclude_seen_volumes(plans: list, allow: bool) -> tuple[list, list[dict]]:
+    """Drop (and report) test plans whose case is also a training case, unless explicitly allowed."""
+    trained = {source.case_id for source, split, _ in plans if split == "train"}
+    kept, skipped = [], []
+    for plan in plans:
+        source, split, _ = plan
+        if split == "test" and source.case_id in trained and not allow:
+            skipped.append({"case": source.case_id, "target": "*", "reason": "training volume left out of the test split", "split": split})
+        else:
+            kept.append(plan)
+    return kept, skipped
 
 
 def _dedupe(skipped: list[dict]) -> list[dict]:

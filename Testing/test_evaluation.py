@@ -1,0 +1,105 @@
+"""Evaluation that cannot flatter: GT-fixed scoring window, no empty-vs-empty Dice 1, unseen test volumes.
+
+The wrong-slice case runs the real LiteMedSAM on the real sample CT: the review found that an anchor on a
+slice without the target and a 1-px box scored Dice 1.0 / NSD 1.0 when the window followed the answer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def liver(tmp_path_factory):
+    from MedVolR1Lib.propagation.factory import build_propagator
+    from MedVolR1Lib.training.prepare import PrepareConfig, build_records
+    from MedVolR1Lib.training.records import write_records
+    from MedVolR1Lib.training.store import CaseSource, VolumeStore, load_case, write_cases
+
+    folder = tmp_path_factory.mktemp("eval_liver")
+    source = CaseSource("sample_ct", "sample_ct", dataset="sample")
+    report = build_records(load_case(source), PrepareConfig(targets=("liver",), num_views=4, image_size=112, max_queries_per_target=1))
+    write_cases(folder / "cases.json", [source])
+    write_records(folder / "train.jsonl", report.records)
+    store = VolumeStore.from_dir(folder, propagator_factory=lambda: build_propagator("litemedsam"))
+    return report.records[0], store, folder
+
+
+@pytest.mark.parametrize("window", [1, 8])
+def test_wrong_slice_one_pixel_box_scores_zero(liver, window):
+    from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+    from MedVolR1Lib.training.evaluate import mask_scores
+
+    record, store, _ = liver
+    volume = store.volume(record.case_id)
+    areas = np.asarray(record.areas)
+    empty = np.flatnonzero(areas == 0)
+    k = int(empty[np.argmax(np.abs(empty - record.gt_slice))])  # the target-free slice farthest from the key slice
+    assert areas[k] == 0 and abs(k - record.gt_slice) > window
+    rows, cols = volume.array.shape[1:]
+    anchor = EvidenceAnchor(k, (VoxelBox.from_voxels(cols // 2, rows // 2, cols // 2, rows // 2),))
+    scores = mask_scores(store, record, anchor, window, 2.0)
+    assert scores["dice"] == 0.0 and scores["nsd"] == 0.0 and scores["iou"] == 0.0
+    oracle = mask_scores(store, record, EvidenceAnchor(record.gt_slice, tuple(
+        VoxelBox(*b) for b in (_voxel(record, box) for box in record.gt_boxes))), window, 2.0)
+    assert oracle["dice"] > 0.5  # the same slices score a right answer well: the zero is not an empty scorer
+
+
+def _voxel(record, pixel_box):
+    from MedVolR1Lib.training.evaluate import _geometry
+
+    return _geometry(record).to_voxel_box(pixel_box).as_list()
+
+
+def test_scored_slices_are_fixed_by_the_ground_truth(liver):
+    from MedVolR1Lib.training.evaluate import scored_slices
+
+    record, store, _ = liver
+    n = store.volume(record.case_id).num_slices
+    assert scored_slices(record, n, 3) == (max(0, record.gt_slice - 3), min(n - 1, record.gt_slice + 3))
+    assert scored_slices(record, n, -1) == (0, n - 1)
+
+
+def test_evaluation_refuses_test_volumes_seen_in_training(liver, tmp_path):
+    from MedVolR1Lib.errors import DataError
+    from MedVolR1Lib.training.evaluate import EvalArguments, evaluate
+    from MedVolR1Lib.training.records import read_records, write_records
+
+    record, _, folder = liver
+    write_records(tmp_path / "train.jsonl", read_records(folder / "train.jsonl"))
+    write_records(tmp_path / "test.jsonl", [record])
+    (tmp_path / "cases.json").write_text((folder / "cases.json").read_text())
+    args = EvalArguments(eval_data_dir=str(tmp_path), propagator="none", report_dir=str(tmp_path / "eval"))
+    with pytest.raises(DataError, match="sample_ct"):
+        evaluate(args, runners=[])
+    args.allow_seen_volumes = True
+    summary = evaluate(args, runners=[])
+    assert summary["seen_volumes"] == ["sample_ct"]
+    assert (tmp_path / "eval" / "report.md").read_text().splitlines()[2].startswith("**Test volumes seen in training: sample_ct")
+
+
+def test_prepare_leaves_training_volumes_out_of_the_test_split(tmp_path):
+    from MedVolR1Lib.training.prepare import PrepareArguments, exclude_seen_volumes, prepare_dataset
+    from MedVolR1Lib.training.store import CaseSource
+
+    a, b = CaseSource("a", "m3d", dataset="0003"), CaseSource("b", "m3d", dataset="0003")
+    kept, skipped = exclude_seen_volumes([(a, "train", False), (a, "test", False), (b, "test", False)], allow=False)
+    assert [(s.case_id, split) for s, split, _ in kept] == [("a", "train"), ("b", "test")] and skipped[0]["case"] == "a"
+    summary = prepare_dataset(PrepareArguments(out_dir=str(tmp_path), targets="spleen", num_views=4, image_size=56))
+    assert summary["records"]["train"] > 0 and summary["records"]["test"] == 0
+    assert (tmp_path / "test.jsonl").read_text() == ""
+    assert any(s["reason"] == "training volume left out of the test split" for s in json.loads((tmp_path / "report.json").read_text())["skipped"])
+
+
+def test_report_has_table1_layout_with_dsc_iou_cells_and_nsd():
+    from MedVolR1Lib.training.evaluate import summarise, table1
+
+    rows = [{"method": m, "record": f"r{n}", "dataset": d, "target": "liver", "dice": dice, "iou": dice / 2, "nsd": dice}
+            for n, (m, d, dice) in enumerate([("sft", "0003", 0.8), ("sft", "0012", 0.6), ("oracle", "0003", 1.0), ("oracle", "0012", 0.9)])]
+    lines = table1(summarise(rows, ["sft", "oracle"]), lambda e: f"{100 * e['dice']:.2f} ({100 * e['iou']:.2f})")
+    assert lines[0] == "| method | AbdomenCT-1K (0003) | CT-ORG (0012) | all records |"
+    assert lines[2] == "| sft | 80.00 (40.00) | 60.00 (30.00) | 70.00 (35.00) |"
+    assert lines[3].startswith("| oracle | 100.00 (50.00) |")
