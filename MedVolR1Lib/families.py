@@ -60,7 +60,7 @@ def family_of_checkpoint(ref: str) -> ModelFamily:
         try:
             model_type = json.loads(config.read_text()).get("model_type")
         except ValueError as exc:
-            raise CheckpointError(f"{config}: unreadable config.json ({exc})") from exc
+            raise CheckpointError(f"could not load the checkpoint {config.parent}: unreadable config.json ({exc})") from exc
         return family_of_model_type(model_type)
     lowered = str(ref).lower()
     if "qwen3-vl" in lowered:
