@@ -1,10 +1,16 @@
-"""The evidence anchor (key axial slice + 2D boxes) and the model's answer format.
+"""The evidence anchor (key axial slice + 2D boxes) and the model's answer formats.
 
-The grounder answers ``<think>...</think><answer>{"slice": k, "boxes": [[x1, y1, x2, y2], ...]}</answer>``
-with boxes in pixels of the rendered view of slice k.  `parse_answer` turns any text into either a
-`ParsedAnswer` or a `ParseFailure` (it never raises: rewards and the UI get model garbage too).
-`EvidenceAnchor` holds the same evidence in voxel units of the canonical volume, which is what the
-propagators and the Slicer markups use.
+Two answer schemas, both read by `parse_answer`:
+- ``medvolr1``: ``<think>...</think><answer>{"slice": k, "boxes": [[x1, y1, x2, y2], ...]}</answer>``;
+- ``paper`` (the MedVol-R1 release): ``<answer>[{"slice": k, "bbox_2d_list": [[x1, y1, x2, y2], ...]}]</answer>``.
+Box numbers are in the checkpoint's coordinate convention (`AnswerFormat.coordinates`: rendered-view
+pixels, or 0-1000 normalised as Qwen3-VL grounds); `parse_model_answer` converts them to rendered
+pixels, the one convention everything downstream uses.  `parse_answer` turns any text into either a
+`ParsedAnswer` or a `ParseFailure` (it never raises: rewards and the UI get model garbage too).  An
+inference-only lenient mode also reads the family's native grounding JSON
+(``[{"bbox_2d": [...], "label": ...}]``) so an off-the-shelf Instruct model can be tried; rewards
+never use it.  `EvidenceAnchor` holds the same evidence in voxel units of the canonical volume, which
+is what the propagators and the Slicer markups use.
 
 Voxel boxes use *edge* coordinates: voxel (j, i) covers [i, i+1) x [j, j+1), so the box of voxels
 i_min..i_max is ``VoxelBox(i_min, j_min, i_max + 1, j_max + 1)``.
@@ -27,6 +33,12 @@ PixelBox = tuple[float, float, float, float]
 _ANSWER_RE = re.compile(
     r"^\s*(?:<think>(?P<think>.*?)</think>)?\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL
 )
+_FENCE_RE = re.compile(r"```(?:json)?\s*(?P<body>.*?)```", re.DOTALL)
+_SLICE_MENTION_RE = re.compile(r"\bslice\s*(?:k\s*=\s*)?(\d{1,6})\b", re.IGNORECASE)
+
+SCHEMAS = ("medvolr1", "paper")
+MAX_NUMBER = 1e9  # larger box coordinates or slice numbers are nonsense: a parse failure, never an overflow
+MAX_PARSED_BOXES = 64  # more boxes than any anatomy needs: refused before any reward or propagation sees them
 
 
 @dataclass(frozen=True)
@@ -99,13 +111,60 @@ class EvidenceAnchor:
 
 
 @dataclass(frozen=True)
+class AnswerFormat:
+    """How a checkpoint writes its answer: the schema and the box-coordinate convention.
+
+    coordinates "pixels": rendered-view pixels (Qwen2.5-VL, absolute pixels of its frame);
+    "norm1000": 0-1000 of the view's width and height (Qwen3-VL's grounding convention).
+    """
+
+    schema: str = "medvolr1"
+    coordinates: str = "pixels"
+
+    def __post_init__(self) -> None:
+        if self.schema not in SCHEMAS:
+            raise ValueError(f"answer schema must be one of {SCHEMAS}, got {self.schema!r}")
+        if self.coordinates not in ("pixels", "norm1000"):
+            raise ValueError(f"coordinates must be 'pixels' or 'norm1000', got {self.coordinates!r}")
+
+    @property
+    def spec(self) -> str:
+        """'schema:coordinates', e.g. 'paper:norm1000' (one JSON-friendly string for records and manifests)."""
+        return f"{self.schema}:{self.coordinates}"
+
+    @classmethod
+    def from_spec(cls, spec: Optional[str]) -> "AnswerFormat":
+        if not spec:
+            return cls()
+        schema, _, coordinates = str(spec).partition(":")
+        return cls(schema, coordinates or "pixels")
+
+    def _scale(self, image_size: int) -> float:
+        return 1.0 if self.coordinates == "pixels" else float(image_size) / 1000.0
+
+    def to_pixels(self, box: Sequence[float], image_size: int) -> PixelBox:
+        scale = self._scale(image_size)
+        return tuple(float(v) * scale for v in box)  # type: ignore[return-value]
+
+    def from_pixels(self, box: Sequence[float], image_size: int) -> PixelBox:
+        scale = self._scale(image_size)
+        return tuple(float(v) / scale for v in box)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
 class ParsedAnswer:
-    """A syntactically valid answer: key slice and boxes in rendered-image pixels (x right, y down)."""
+    """A syntactically valid answer: key slice and boxes (x right, y down).
+
+    `boxes` are in the coordinates the text used until `parse_model_answer` (or
+    `AnswerFormat.to_pixels`) turns them into rendered-image pixels.  `schema` says which form was
+    read: "medvolr1", "paper" or (lenient mode only) "native".
+    """
 
     slice_index: int
     boxes: tuple[PixelBox, ...]
     think: str = ""
     has_think: bool = True
+    schema: str = "medvolr1"
 
 
 @dataclass(frozen=True)
@@ -122,15 +181,93 @@ ParseResult = Union[ParsedAnswer, ParseFailure]
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number of sane size (huge ints would overflow float(); bool is not a number)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -MAX_NUMBER <= value <= MAX_NUMBER
+    return isinstance(value, float) and math.isfinite(value) and abs(value) <= MAX_NUMBER
 
 
-def parse_answer(text: object, *, require_think: bool = False) -> ParseResult:
-    """Strictly parse `<think>...</think><answer>{json}</answer>`; never raises."""
+def _is_slice(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_NUMBER
+
+
+def _boxes(value: object, text: str, slice_value: int) -> Union[list[PixelBox], ParseFailure]:
+    if not isinstance(value, list) or not value:
+        return ParseFailure("no_boxes", text, partial_slice=slice_value)
+    if len(value) > MAX_PARSED_BOXES:
+        return ParseFailure("too_many_boxes", text, partial_slice=slice_value)
+    boxes: list[PixelBox] = []
+    for box in value:
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            return ParseFailure("box_not_four_numbers", text, partial_slice=slice_value)
+        boxes.append(tuple(float(v) for v in box))  # type: ignore[arg-type]
+    return boxes
+
+
+def _read_ours(payload: dict, text: str) -> Union[tuple[int, list[PixelBox]], ParseFailure]:
+    slice_value = payload.get("slice")
+    if not _is_slice(slice_value):
+        return ParseFailure("slice_not_integer", text)
+    boxes = _boxes(payload.get("boxes"), text, slice_value)  # type: ignore[arg-type]
+    return boxes if isinstance(boxes, ParseFailure) else (slice_value, boxes)  # type: ignore[return-value]
+
+
+def _read_paper(payload: list, text: str) -> Union[tuple[int, list[PixelBox]], ParseFailure]:
+    """``[{"slice": k, "bbox_2d_list": [...]}]``: one key slice (several entries must name the same slice)."""
+    if not payload or not all(isinstance(item, dict) for item in payload):
+        return ParseFailure("answer_not_object", text)
+    if len(payload) > MAX_PARSED_BOXES:
+        return ParseFailure("too_many_boxes", text)
+    slices = [item.get("slice") for item in payload]
+    if not all(_is_slice(k) for k in slices):
+        return ParseFailure("slice_not_integer", text)
+    if len(set(slices)) > 1:
+        return ParseFailure("several_slices", text, partial_slice=slices[0])
+    boxes: list[PixelBox] = []
+    for item in payload:
+        part = _boxes(item.get("bbox_2d_list"), text, slices[0])
+        if isinstance(part, ParseFailure):
+            return part
+        boxes.extend(part)
+    if len(boxes) > MAX_PARSED_BOXES:
+        return ParseFailure("too_many_boxes", text, partial_slice=slices[0])
+    return slices[0], boxes
+
+
+def _read_payload(payload: object, text: str, schema: Optional[str]) -> Union[tuple[int, list[PixelBox], str], ParseFailure]:
+    found = "medvolr1" if isinstance(payload, dict) else "paper" if isinstance(payload, list) else None
+    if found is None or (schema is not None and found != schema):
+        return ParseFailure("answer_not_object" if found is None else "wrong_schema", text)
+    read = _read_ours(payload, text) if found == "medvolr1" else _read_paper(payload, text)  # type: ignore[arg-type]
+    return read if isinstance(read, ParseFailure) else (*read, found)
+
+
+def _loads(body: str) -> object:
+    """json.loads that returns `_INVALID` instead of raising (bad JSON, ints over 4300 digits, deep nesting)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return _INVALID
+
+
+_INVALID = object()
+
+
+def parse_answer(text: object, *, require_think: bool = False, schema: Optional[str] = None, lenient: bool = False) -> ParseResult:
+    """Parse `<think>...</think><answer>{json}</answer>` in either schema; never raises.
+
+    `schema` ("medvolr1" | "paper") restricts the accepted schema (None: either).  `lenient=True`
+    (inference only, never in rewards) also reads `_parse_lenient`'s forms.  Boxes come back in the
+    text's own coordinates.
+    """
     if not isinstance(text, str):
         return ParseFailure("not_text", repr(text)[:2000])
     match = _ANSWER_RE.match(text)
     if match is None:
+        if lenient:
+            return _parse_lenient(text, schema)
         reason = "missing_answer_tags" if "<answer>" not in text or "</answer>" not in text else "malformed_tags"
         return ParseFailure(reason, text)
     think = match.group("think")
@@ -138,31 +275,90 @@ def parse_answer(text: object, *, require_think: bool = False) -> ParseResult:
         return ParseFailure("missing_think", text)
     if "<answer>" in match.group("answer") or "<think>" in match.group("answer"):
         return ParseFailure("malformed_tags", text)
-    try:
-        payload = json.loads(match.group("answer"))
-    except (ValueError, RecursionError):
+    body = match.group("answer")
+    if lenient:
+        fenced = _FENCE_RE.search(body)
+        body = fenced.group("body") if fenced else body
+    payload = _loads(body)
+    if payload is _INVALID:
         return ParseFailure("invalid_json", text)
-    if not isinstance(payload, dict):
-        return ParseFailure("answer_not_object", text)
-    slice_value = payload.get("slice")
-    if not (isinstance(slice_value, int) and not isinstance(slice_value, bool)):
-        return ParseFailure("slice_not_integer", text)
-    if abs(slice_value) > 10**9:
-        return ParseFailure("slice_not_integer", text)
-    boxes_value = payload.get("boxes")
-    if not isinstance(boxes_value, list) or not boxes_value:
-        return ParseFailure("no_boxes", text, partial_slice=slice_value)
+    read = _read_payload(payload, text, schema)
+    if isinstance(read, ParseFailure) and lenient:
+        return _parse_lenient(text, schema)
+    if isinstance(read, ParseFailure):
+        return read
+    slice_value, boxes, found = read
+    return ParsedAnswer(slice_value, tuple(boxes), think=(think or "").strip(), has_think=think is not None, schema=found)
+
+
+def _parse_lenient(text: str, schema: Optional[str]) -> ParseResult:
+    """What an off-the-shelf Instruct model tends to write instead of our tags.
+
+    Reads the first JSON value in a ```json fence, or the text from its first '[' or '{': either
+    schema without tags, or Qwen's native grounding list ``[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]``.
+    The native list names no slice: an item's "slice" key, else the one slice number the text
+    mentions ("slice 40"), else it fails with reason "no_slice".
+    """
+    fenced = _FENCE_RE.search(text)
+    candidates = [fenced.group("body")] if fenced else []
+    starts = [i for i in (text.find("["), text.find("{")) if i >= 0]
+    if starts:
+        start = min(starts)
+        closing = "]" if text[start] == "[" else "}"
+        candidates.append(text[start : text.rfind(closing) + 1])
+    think_match = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+    think = think_match.group(1).strip() if think_match else ""
+    for body in candidates:
+        payload = _loads(body)
+        if payload is _INVALID:
+            continue
+        if isinstance(payload, dict):
+            payload = [payload] if "bbox_2d" in payload else payload
+        if isinstance(payload, list) and payload and all(isinstance(i, dict) and "bbox_2d" in i for i in payload):
+            return _read_native(payload, text, body, think)
+        read = _read_payload(payload, text, schema)
+        if not isinstance(read, ParseFailure):
+            return ParsedAnswer(read[0], tuple(read[1]), think=think, has_think=think_match is not None, schema=read[2])
+    return ParseFailure("no_answer_found", text)
+
+
+def _read_native(payload: list, text: str, body: str, think: str) -> ParseResult:
+    if len(payload) > MAX_PARSED_BOXES:
+        return ParseFailure("too_many_boxes", text)
     boxes: list[PixelBox] = []
-    for box in boxes_value:
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
-            return ParseFailure("box_not_four_numbers", text, partial_slice=slice_value)
-        boxes.append(tuple(float(v) for v in box))  # type: ignore[arg-type]
-    return ParsedAnswer(
-        slice_index=slice_value,
-        boxes=tuple(boxes),
-        think=(think or "").strip(),
-        has_think=think is not None,
-    )
+    for item in payload:
+        part = _boxes([item.get("bbox_2d")], text, -1)
+        if isinstance(part, ParseFailure):
+            return ParseFailure("box_not_four_numbers", text)
+        boxes.extend(part)
+    named = {item.get("slice") for item in payload if "slice" in item}
+    if not named:
+        outside = text.replace(body, " ")
+        named = {int(m) for m in _SLICE_MENTION_RE.findall(outside)}
+        named |= {int(m) for item in payload for m in _SLICE_MENTION_RE.findall(str(item.get("label", "")))}
+    if len(named) != 1 or not _is_slice(next(iter(named))):
+        return ParseFailure("no_slice" if not named else "several_slices", text)
+    return ParsedAnswer(int(next(iter(named))), tuple(boxes), think=think, has_think=bool(think), schema="native")
+
+
+def parse_model_answer(
+    text: object,
+    answer_format: AnswerFormat,
+    image_size: int,
+    *,
+    require_think: bool = False,
+    strict_schema: bool = True,
+    lenient: bool = False,
+) -> ParseResult:
+    """Parse in a checkpoint's answer format and return the boxes in rendered-view pixels.
+
+    `strict_schema` accepts only the configured schema (rewards); the grounder reads either.
+    """
+    parsed = parse_answer(text, require_think=require_think, schema=answer_format.schema if strict_schema else None, lenient=lenient)
+    if isinstance(parsed, ParseFailure):
+        return parsed
+    boxes = tuple(answer_format.to_pixels(b, image_size) for b in parsed.boxes)
+    return ParsedAnswer(parsed.slice_index, boxes, parsed.think, parsed.has_think, parsed.schema)
 
 
 @dataclass(frozen=True)
@@ -175,7 +371,7 @@ class AnswerRules:
 
 
 def answer_problems(answer: ParsedAnswer, rules: AnswerRules) -> list[str]:
-    """Semantic checks beyond syntax; an empty list means the answer is usable as is."""
+    """Semantic checks beyond syntax (boxes in rendered pixels); an empty list means the answer is usable as is."""
     problems: list[str] = []
     if answer.slice_index not in rules.shown_slices:
         problems.append(f"slice {answer.slice_index} was not among the slices shown")
@@ -190,9 +386,27 @@ def answer_problems(answer: ParsedAnswer, rules: AnswerRules) -> list[str]:
     return problems
 
 
-def format_answer(slice_index: int, boxes: Iterable[Sequence[float]], think: Optional[str] = None) -> str:
-    """The target text for SFT (and what a perfect model would say); boxes rounded to whole pixels."""
-    payload = {"slice": int(slice_index), "boxes": [[int(round(v)) for v in box] for box in boxes]}
+def format_answer(
+    slice_index: int,
+    boxes: Iterable[Sequence[float]],
+    think: Optional[str] = None,
+    *,
+    answer_format: Optional[AnswerFormat] = None,
+    image_size: Optional[int] = None,
+) -> str:
+    """The target text for SFT (and what a perfect model would say), in the given answer format.
+
+    `boxes` are rendered-view pixels; without `answer_format` they are written as given (medvolr1
+    schema).  Numbers are rounded to whole units of the output convention.
+    """
+    fmt = answer_format or AnswerFormat()
+    if fmt.coordinates != "pixels" and image_size is None:
+        raise ValueError("image_size is needed to write boxes in normalised coordinates")
+    written = [[int(round(v)) for v in fmt.from_pixels(box, image_size or 1)] for box in boxes]
+    if fmt.schema == "paper":
+        payload: object = [{"slice": int(slice_index), "bbox_2d_list": written}]
+    else:
+        payload = {"slice": int(slice_index), "boxes": written}
     answer = f"<answer>{json.dumps(payload, separators=(', ', ': '))}</answer>"
     return f"<think>{think}</think>{answer}" if think is not None else answer
 

@@ -74,6 +74,7 @@ def _config(args) -> "PipelineConfig":
         num_views=getattr(args, "num_views", 16),
         image_size=args.image_size,
         window=args.window,
+        lenient=getattr(args, "lenient", False),
     )
 
 
@@ -206,7 +207,7 @@ def cmd_demo(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from .fixtures.tiny_qwen import build_tiny_qwen
 
-    print(build_tiny_qwen(args.out))
+    print(build_tiny_qwen(args.out, family=args.family))
     return 0
 
 
@@ -266,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="query -> evidence anchor (VLM) -> 3D mask")
     p.add_argument("--volume", required=True, help="scan file, DICOM folder, M3D-Seg case folder, or 'sample'")
     p.add_argument("--query", required=True)
-    p.add_argument("--model", required=True, help="Qwen2.5-VL hub id or local folder")
+    p.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen3-VL hub id or local folder")
+    p.add_argument("--lenient", action="store_true",
+                   help="also accept the model's native grounding JSON (to try an off-the-shelf Instruct model untrained)")
     p.add_argument("--adapter", help="LoRA adapter folder from Training/sft.py or grpo.py")
     p.add_argument("--num-views", type=int, default=16)
     _add_model_flags(p)
@@ -280,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.set_defaults(func=cmd_batch)
 
-    p = sub.add_parser("make-tiny-model", help="build the tiny random-weight Qwen2.5-VL used by tests and demos (offline)")
+    p = sub.add_parser("make-tiny-model", help="build a tiny random-weight Qwen2.5-VL or Qwen3-VL for tests and demos (offline)")
     p.add_argument("--out", required=True)
+    p.add_argument("--family", default="qwen2.5-vl", choices=("qwen2.5-vl", "qwen3-vl"))
     p.set_defaults(func=cmd_make_tiny_model)
     return parser
 

@@ -1,4 +1,4 @@
-"""The VLM grounder: Qwen2.5-VL (+ optional LoRA) turns K labelled slices and a query into an evidence anchor.
+"""The VLM grounder: Qwen2.5-VL or Qwen3-VL (+ optional LoRA) turns K labelled slices and a query into an evidence anchor.
 
 Flow of `Grounder.ground`: render the views (views.render_views) -> chat messages with the images
 (views.build_messages) -> the checkpoint's own chat template and processor -> `generate` -> decode only
@@ -7,7 +7,9 @@ exact view geometry.  Model garbage never becomes an anchor: after the retries i
 `GroundingError` that keeps the raw text, so the UI can show what the model said.
 
 Loading goes through AutoProcessor / AutoModelForImageTextToText with trust_remote_code=False, so any
-Qwen2.5-VL-compatible folder (the hub release, our fine-tunes, the offline tiny fixture) works the same.
+Qwen2.5-VL or Qwen3-VL folder (the hub release, our fine-tunes, the offline tiny fixtures) works the same.
+The answer format (schema + box coordinates) comes from the adapter's training manifest, else from the
+family (pixels for Qwen2.5-VL, 0-1000 for Qwen3-VL); an adapter is refused with any other convention.
 torch/transformers are imported lazily: the dataclasses here are importable without them.
 """
 
@@ -20,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from .anchor import AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, PixelBox, answer_problems, parse_answer
+from .anchor import AnswerFormat, AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, PixelBox, answer_problems, parse_model_answer
 from .errors import AnchorError, CheckpointError, DeviceError, MedVolR1Error
+from .families import ModelFamily, check_adapter_convention, family_of_checkpoint, family_of_model_type, resolve_coordinates
 from .progress import ProgressCallback, report
 from .views import DEFAULT_IMAGE_SIZE, DEFAULT_NUM_VIEWS, SliceViews, ViewGeometry, build_messages, render_views
 
@@ -73,6 +76,7 @@ class GenerationSettings:
     max_boxes: int = 4
     require_think: bool = False
     seed: Optional[int] = 0
+    lenient: bool = False  # also accept the family's native grounding JSON (off-the-shelf models; never in training)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -230,9 +234,20 @@ class Grounder:
         device=None,
         dtype=None,
         settings: Optional[GenerationSettings] = None,
+        answer_format: Optional[AnswerFormat] = None,
     ):
-        """Wrap an already-built model and processor (tests, benchmarks, trainers); most callers use from_pretrained."""
+        """Wrap an already-built model and processor (tests, benchmarks, trainers); most callers use from_pretrained.
+
+        Without `answer_format` the family's own convention is used (our schema, pixels or 0-1000).
+        """
         self.model = model.eval()
+        self.family: Optional[ModelFamily] = None
+        try:
+            self.family = family_of_model_type(getattr(model.config, "model_type", None))
+        except CheckpointError:
+            if answer_format is None:
+                raise
+        self.answer_format = answer_format or AnswerFormat("medvolr1", self.family.coordinates)  # type: ignore[union-attr]
         self.processor = processor
         self.model_ref = model_ref
         self.model_path = model_path
@@ -254,8 +269,14 @@ class Grounder:
         *,
         quantize: Optional[str] = None,
         settings: Optional[GenerationSettings] = None,
+        coordinates: str = "auto",
+        answer_schema: Optional[str] = None,
     ) -> "Grounder":
-        """Load a Qwen2.5-VL checkpoint (local folder or hub id) and optionally a PEFT LoRA adapter.
+        """Load a Qwen2.5-VL / Qwen3-VL checkpoint (local folder or hub id) and optionally a PEFT LoRA adapter.
+
+        The answer format is the one the adapter (or a full fine-tune) was trained with, from its
+        training manifest; `coordinates` / `answer_schema` given explicitly must agree with it
+        (CheckpointError otherwise), and set the format of a model that has no manifest.
 
         device: "auto" (CUDA bf16 if present, else CPU float32) | "cpu" | "cuda[:N]".  quantize="4bit"
         loads the base model with bitsandbytes NF4 (CUDA only).  The adapter is merged into the
@@ -272,6 +293,8 @@ class Grounder:
             adapter_ref, adapter_path = _resolve_source(adapter, "adapter")
             if adapter_path is not None and not (adapter_path / "adapter_config.json").is_file():
                 raise CheckpointError(f"adapter folder {adapter_path} has no adapter_config.json: it is not a PEFT adapter folder")
+
+        answer_format = _answer_format_for(model_ref, adapter_path, coordinates, answer_schema)
 
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -308,6 +331,7 @@ class Grounder:
             device=choice.device,
             dtype=choice.dtype,
             settings=settings,
+            answer_format=answer_format,
         )
 
     # ------------------------------------------------------------------ provenance
@@ -323,6 +347,7 @@ class Grounder:
             "adapter_path": str(self.adapter_path) if self.adapter_path else None,
             "adapter_fingerprint": self._fingerprints[1],
             "architecture": type(self.model).__name__,
+            "answer_format": self.answer_format.spec,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "generation": dict(self.settings.__dict__),
@@ -335,7 +360,7 @@ class Grounder:
         The same path the trainers use: build_messages -> the checkpoint's chat template -> processor.
         """
         images = views.pil_images()
-        messages = build_messages(views.slices, query, views.geometry.image_size, images=images)
+        messages = build_messages(views.slices, query, views.geometry.image_size, images=images, answer_format=self.answer_format)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[text], images=images, return_tensors="pt")
         inputs = inputs.to(self.device)
@@ -382,6 +407,8 @@ class Grounder:
         from .devices import is_out_of_memory, out_of_memory_error
 
         settings = settings or self.settings
+        if self.answer_format.coordinates == "pixels" and self.family is not None:
+            self.family.check_image_size(image_size)  # absolute pixels only mean something on the model's patch grid
         t_start = time.perf_counter()
         report(progress, 0.0, "rendering slice views")
         views = render_views(volume, slices, num_views=num_views, image_size=image_size, window=window)
@@ -431,7 +458,7 @@ class Grounder:
             pad = self.processor.tokenizer.pad_token_id
             for row, text in zip(new_ids, texts):
                 count = int((row != pad).sum()) if pad is not None else int(row.numel())
-                outcome = _check(text.strip(), rules, views.geometry, volume.num_slices, settings.require_think)
+                outcome = _check(text.strip(), rules, views.geometry, volume.num_slices, settings, self.answer_format)
                 if isinstance(outcome[0], ParsedAnswer):
                     candidate = Candidate(text.strip(), attempt, sample, count)
                     candidates.append(candidate)
@@ -477,9 +504,30 @@ class Grounder:
         )
 
 
-def _check(text: str, rules: AnswerRules, geometry: ViewGeometry, num_slices: int, require_think: bool):
+def _answer_format_for(model_ref: str, adapter_path: Optional[Path], coordinates: str, schema: Optional[str]) -> AnswerFormat:
+    """The format a checkpoint answers in: its training manifest's, checked against explicit requests."""
+    from .training.checkpoints import read_manifest
+
+    family = family_of_checkpoint(model_ref)
+    requested = resolve_coordinates(family, coordinates)
+    for folder, what in ((adapter_path, "adapter"), (Path(model_ref) if Path(model_ref).is_dir() else None, "model")):
+        info = read_manifest(folder) if folder is not None else {}
+        if not info.get("coordinates"):
+            continue
+        if coordinates in (None, "", "auto"):
+            requested = info["coordinates"]
+        check_adapter_convention(info, family, requested, f"{what} {folder}")
+        if schema and info.get("answer_schema") and info["answer_schema"] != schema:
+            raise CheckpointError(f"{what} {folder} was trained to answer in the {info['answer_schema']} schema, not {schema}")
+        schema = schema or info.get("answer_schema")
+        break
+    return AnswerFormat(schema or "medvolr1", requested)
+
+
+def _check(text: str, rules: AnswerRules, geometry: ViewGeometry, num_slices: int, settings: GenerationSettings, fmt: AnswerFormat):
     """(ParsedAnswer, EvidenceAnchor) if the text is a usable answer, else (reason, detail)."""
-    parsed = parse_answer(text, require_think=require_think)
+    parsed = parse_model_answer(text, fmt, rules.image_size, require_think=settings.require_think, strict_schema=False,
+                                lenient=settings.lenient)
     if isinstance(parsed, ParseFailure):
         return (parsed.reason, "")
     problems = answer_problems(parsed, rules)

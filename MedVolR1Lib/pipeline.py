@@ -34,6 +34,7 @@ class PipelineConfig:
     num_views: int = 16
     image_size: int = 448
     window: Optional[str] = None  # CT preset name or "percentile"; default by modality
+    lenient: bool = False  # grounder also reads native grounding JSON (off-the-shelf Instruct models)
 
 
 @dataclass
@@ -87,9 +88,10 @@ class Pipeline:
         if self._grounder is None:
             if not self.config.model:
                 raise ValueError("no vision-language model configured: set a model id or folder (--model)")
-            from .grounder import Grounder
+            from .grounder import GenerationSettings, Grounder
 
-            self._grounder = Grounder.from_pretrained(self.config.model, adapter=self.config.adapter, device=self.config.device)
+            self._grounder = Grounder.from_pretrained(self.config.model, adapter=self.config.adapter, device=self.config.device,
+                                                      settings=GenerationSettings(lenient=self.config.lenient))
         return self._grounder
 
     @property

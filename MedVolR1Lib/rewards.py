@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .anchor import AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, VoxelBox, parse_answer
+from .anchor import AnswerFormat, AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, VoxelBox, parse_model_answer
 from .errors import AnchorError, DataError
 from .metrics import dice
 from .propagation.base import Propagator
@@ -34,7 +34,8 @@ class RewardTarget:
     `gt_boxes` maps each shown slice to the GT pixel boxes on it (empty where the target is absent),
     so an answer on any shown slice can be graded.  `slice_areas` covers every slice of the volume.
     `oracle` (optional) is Q(z), the propagator's 3D Dice when started from the GT box on slice z,
-    precomputed on some slices.
+    precomputed on some slices.  `answer_format` (AnswerFormat.spec) is the schema and box coordinates
+    the policy answers in; completions are parsed strictly in it (never the lenient inference mode).
     """
 
     case_id: str
@@ -47,8 +48,10 @@ class RewardTarget:
     max_boxes: int = 4
     target: str = ""
     oracle: Optional[dict[int, float]] = None
+    answer_format: str = "medvolr1:pixels"
 
     def __post_init__(self) -> None:
+        AnswerFormat.from_spec(self.answer_format)  # refuse an unknown schema or convention early
         self.labels = [int(v) for v in self.labels]
         self.shown_slices = [int(k) for k in self.shown_slices]
         self.gt_boxes = {int(k): [[float(v) for v in b] for b in boxes] for k, boxes in self.gt_boxes.items()}
@@ -372,8 +375,12 @@ class _TargetCache:
         return RewardTarget.coerce(value)
 
 
-def _parse_all(completions: Sequence[Any]) -> list[Union[ParsedAnswer, ParseFailure]]:
-    return [parse_answer(completion_text(c)) for c in completions]
+def _parse_all(completions: Sequence[Any], targets: Sequence[RewardTarget]) -> list[Union[ParsedAnswer, ParseFailure]]:
+    """Strict parse in each target's answer format, boxes converted to rendered pixels (lenient mode never)."""
+    return [
+        parse_model_answer(completion_text(c), AnswerFormat.from_spec(t.answer_format), t.image_size)
+        for c, t in zip(completions, targets)
+    ]
 
 
 def _check_lengths(completions: Sequence[Any], targets: Sequence[Any]) -> None:
@@ -393,7 +400,7 @@ def compute_rewards(
     _check_lengths(completions, targets)
     cache = _TargetCache()
     resolved = [cache.get(t) for t in targets]
-    parsed = _parse_all(completions)
+    parsed = _parse_all(completions, resolved)
     out: dict[str, list[float]] = {
         "format": [format_score(p, t) for p, t in zip(parsed, resolved)],
         "slice": [slice_score(p, t, slice_source) for p, t in zip(parsed, resolved)],
@@ -414,7 +421,8 @@ def _reward_function(name: str, score: Callable[[Union[ParsedAnswer, ParseFailur
     def reward(prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any) -> list[float]:
         _check_lengths(completions, reward_target)
         cache = _TargetCache()
-        return [float(score(p, cache.get(t))) for p, t in zip(_parse_all(completions), reward_target)]
+        targets = [cache.get(t) for t in reward_target]
+        return [float(score(p, t)) for p, t in zip(_parse_all(completions, targets), targets)]
 
     reward.__name__ = reward.__qualname__ = name
     return reward

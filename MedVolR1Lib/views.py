@@ -1,7 +1,7 @@
 """Labelled axial slice views for the VLM, and the exact rendered-pixel <-> voxel mapping.
 
 Every slice of a volume is rendered at one fixed square size (a multiple of 28, the Qwen2.5-VL patch
-grid), keeping the physical aspect ratio (long side fills the image, the other is padded black) and
+grid, or of 32, Qwen3-VL's), keeping the physical aspect ratio (long side fills the image, the other is padded black) and
 in radiological convention (the canonical volume order already is).  Because all slices share one
 `ViewGeometry`, a box the model draws in pixels maps to voxels of any slice by one affine map.
 """
@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .anchor import EvidenceAnchor, ParsedAnswer, PixelBox, VoxelBox
+from .anchor import AnswerFormat, EvidenceAnchor, ParsedAnswer, PixelBox, VoxelBox
 from .errors import AnchorError, VolumeError
 from .volume import Volume
 from .windowing import Window, resolve_window
@@ -26,11 +26,26 @@ SYSTEM_PROMPT = (
     "(anterior at the top, the patient's right on the image's left). Find the evidence for the query: "
     "choose the one slice that best shows the target and draw one box per separate part of the target on it."
 )
-ANSWER_INSTRUCTION = (
-    "First think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
-    '{{"slice": k, "boxes": [[x1, y1, x2, y2], ...]}}: k is one of the slice numbers shown, boxes are '
-    "pixel coordinates in that {size}x{size} image (x to the right, y down)."
-)
+_SCHEMA_EXAMPLES = {
+    "medvolr1": '{{"slice": k, "boxes": [[x1, y1, x2, y2], ...]}}',
+    "paper": '[{{"slice": k, "bbox_2d_list": [[x1, y1, x2, y2], ...]}}]',
+}
+_COORDINATE_TEXT = {
+    "pixels": "pixel coordinates in that {size}x{size} image (x to the right, y down).",
+    "norm1000": "coordinates in that image normalised to 0-1000 (x to the right, y down).",
+}
+
+
+def answer_instruction(image_size: int, answer_format: Optional[AnswerFormat] = None) -> str:
+    """The instruction that ends the user turn, in the checkpoint's answer schema and coordinates."""
+    fmt = answer_format or AnswerFormat()
+    text = (
+        "First think briefly inside <think></think>, then answer inside <answer></answer> with JSON "
+        + _SCHEMA_EXAMPLES[fmt.schema]
+        + ": k is one of the slice numbers shown, boxes are "
+        + _COORDINATE_TEXT[fmt.coordinates]
+    )
+    return text.format(size=image_size)
 
 
 @dataclass(frozen=True)
@@ -46,8 +61,8 @@ class ViewGeometry:
 
     @classmethod
     def for_volume(cls, volume: Volume, image_size: int = DEFAULT_IMAGE_SIZE) -> "ViewGeometry":
-        if image_size % 28 != 0:
-            raise ValueError(f"image_size must be a multiple of 28 (Qwen2.5-VL patches), got {image_size}")
+        if image_size <= 0 or (image_size % 28 and image_size % 32):
+            raise ValueError(f"image_size must be a multiple of 28 (Qwen2.5-VL patches) or 32 (Qwen3-VL), got {image_size}")
         _, rows, cols = volume.shape
         spacing_i, spacing_j, _ = volume.spacing
         width_mm, height_mm = cols * spacing_i, rows * spacing_j
@@ -161,8 +176,15 @@ def render_views(
     return SliceViews(slices=chosen, images=images, geometry=geometry, window=resolved)
 
 
-def build_messages(slices: Sequence[int], query: str, image_size: int, images: Optional[Sequence] = None) -> list[dict]:
-    """Qwen2.5-VL chat messages: system prompt, then `Slice k:` + image for each view, then the query.
+def build_messages(
+    slices: Sequence[int],
+    query: str,
+    image_size: int,
+    images: Optional[Sequence] = None,
+    *,
+    answer_format: Optional[AnswerFormat] = None,
+) -> list[dict]:
+    """Qwen-VL chat messages: system prompt, then `Slice k:` + image for each view, then the query.
 
     With `images=None` the image entries are placeholders (``{"type": "image"}``), the form trl's
     trainers expect when images travel in a separate column.
@@ -174,7 +196,7 @@ def build_messages(slices: Sequence[int], query: str, image_size: int, images: O
     for n, k in enumerate(slices):
         content.append({"type": "text", "text": f"Slice {k}:"})
         content.append({"type": "image", "image": images[n]} if images is not None else {"type": "image"})
-    content.append({"type": "text", "text": f"Query: {query}\n" + ANSWER_INSTRUCTION.format(size=image_size)})
+    content.append({"type": "text", "text": f"Query: {query}\n" + answer_instruction(image_size, answer_format)})
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
         {"role": "user", "content": content},

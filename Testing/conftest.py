@@ -45,3 +45,13 @@ def tiny_lora_dir(tiny_qwen_dir, tmp_path_factory):
     from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_lora_adapter
 
     return build_tiny_lora_adapter(tiny_qwen_dir, tmp_path_factory.mktemp("tiny_lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """The offline tiny Qwen3-VL checkpoint folder (random weights), built once per session through the CLI."""
+    from MedVolR1Lib.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny_qwen3") / "model"
+    assert main(["make-tiny-model", "--family", "qwen3-vl", "--out", str(folder)]) == 0
+    return folder

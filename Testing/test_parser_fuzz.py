@@ -3,10 +3,11 @@
 import json
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from MedVolR1Lib.anchor import ParsedAnswer, ParseFailure, format_answer, parse_answer
+from MedVolR1Lib.anchor import AnswerFormat, ParsedAnswer, ParseFailure, format_answer, parse_answer, parse_model_answer
 from MedVolR1Lib.rewards import RewardTarget, compute_rewards
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,3 +110,67 @@ def test_rewards_on_arbitrary_text_are_zero(text):
     scores = compute_rewards([text], [TARGET])
     if isinstance(parse_answer(text), ParseFailure):
         assert all(v == [0.0] for v in scores.values())
+
+
+# ---------------------------------------------------------------------------------------------- adversarial numbers and sizes
+
+HUGE = "9" * 400
+ADVERSARIAL = {
+    "huge_int_box": f'<think>t</think><answer>{{"slice": 3, "boxes": [[{HUGE}, 1, 2, 3]]}}</answer>',
+    "huge_negative_box": f'<think>t</think><answer>{{"slice": 3, "boxes": [[-{HUGE}, 1, 2, 3]]}}</answer>',
+    "huge_int_slice": f'<think>t</think><answer>{{"slice": {HUGE}, "boxes": [[1, 1, 2, 3]]}}</answer>',
+    "huge_int_paper": f'<answer>[{{"slice": 3, "bbox_2d_list": [[1, {HUGE}, 2, 3]]}}]</answer>',
+    "huge_int_native": f'slice 3 [{{"bbox_2d": [1, 2, {HUGE}, 3], "label": "x"}}]',
+    "over_4300_digits": f'<answer>{{"slice": 3, "boxes": [[{"9" * 5000}, 1, 2, 3]]}}</answer>',
+    "huge_float": '<answer>{"slice": 3, "boxes": [[1e400, 1, 2, 3]]}</answer>',
+    "1e300_float": '<answer>{"slice": 3, "boxes": [[1e300, 1, 2, 3]]}</answer>',
+    "nan": '<answer>{"slice": 3, "boxes": [[NaN, 1, 2, 3]]}</answer>',
+    "infinity": '<answer>[{"slice": 3, "bbox_2d_list": [[-Infinity, 1, 2, 3]]}]</answer>',
+    "nan_slice": '<answer>{"slice": NaN, "boxes": [[1, 1, 2, 3]]}</answer>',
+    "deep_list": "<answer>" + "[" * 100_000 + "]" * 100_000 + "</answer>",
+    "deep_dict": "<answer>" + '{"a":' * 50_000 + "1" + "}" * 50_000 + "</answer>",
+    "deep_in_box": '<answer>{"slice": 3, "boxes": [' + "[" * 20_000 + "]" * 20_000 + "]}</answer>",
+    "deep_native": "slice 3 " + "[" * 50_000 + "]" * 50_000,
+    "10k_boxes": '<answer>{"slice": 3, "boxes": [' + ", ".join(["[1, 2, 30, 40]"] * 10_000) + "]}</answer>",
+    "10k_paper_entries": "<answer>[" + ", ".join(['{"slice": 3, "bbox_2d_list": [[1, 2, 30, 40]]}'] * 10_000) + "]</answer>",
+    "10k_native": "slice 3 [" + ", ".join(['{"bbox_2d": [1, 2, 30, 40], "label": "x"}'] * 10_000) + "]",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_completions_never_raise_in_parser_or_rewards(name):
+    text = ADVERSARIAL[name]
+    for lenient in (False, True):
+        for schema in (None, "medvolr1", "paper"):
+            result = parse_answer(text, lenient=lenient, schema=schema)
+            _check_result(result)
+            assert isinstance(result, ParseFailure), (name, lenient, schema)  # none of these is a usable answer
+    for fmt in (AnswerFormat(), AnswerFormat("paper", "norm1000")):
+        _check_result(parse_model_answer(text, fmt, 56, lenient=True))
+        target = RewardTarget(**{**TARGET.to_dict(), "answer_format": fmt.spec})
+        scores = compute_rewards([text], [target])
+        assert all(v == [0.0] for v in scores.values()), name
+
+
+def test_a_1e300_box_that_parses_scores_zero_without_overflow():
+    text = '<think>t</think><answer>{"slice": 3, "boxes": [[1, 1, 2, 3], [0, 0, 1e8, 1e8]]}</answer>'
+    assert isinstance(parse_answer(text), ParsedAnswer)
+    scores = compute_rewards([text], [TARGET])
+    assert all(math.isfinite(v[0]) for v in scores.values())
+
+
+@SETTINGS
+@given(st.text(max_size=300))
+def test_lenient_mode_never_raises_on_arbitrary_text(text):
+    _check_result(parse_answer(text, lenient=True))
+
+
+@SETTINGS
+@given(st.integers(0, 10**6), st.lists(st.tuples(*[st.integers(0, 1000)] * 4), min_size=1, max_size=6), st.one_of(st.none(), think_text))
+def test_paper_schema_round_trips(k, box_list, think):
+    fmt = AnswerFormat("paper", "norm1000")
+    text = format_answer(k, [fmt.to_pixels(b, 256) for b in box_list], think, answer_format=fmt, image_size=256)
+    result = parse_answer(text)
+    assert isinstance(result, ParsedAnswer) and result.schema == "paper" and result.slice_index == k
+    assert result.boxes == tuple(tuple(float(v) for v in b) for b in box_list)
+    assert isinstance(parse_answer(text, schema="medvolr1"), ParseFailure)  # strict schema for rewards
