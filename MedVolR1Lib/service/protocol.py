@@ -222,6 +222,25 @@ def evidence_from_dict(data: dict) -> Evidence:
         raise AnchorError(f"malformed evidence record: {exc}") from None
 
 
+def segmentation_result(reply: MaskResult, volume: Volume):
+    """The library's SegmentationResult on the caller's own Volume (outputs, panel and CLI take it as is)."""
+    from ..pipeline import SegmentationResult
+
+    if tuple(reply.mask.shape) != volume.shape:
+        raise ProtocolError(f"mask shape {tuple(reply.mask.shape)} does not match the volume {volume.shape}")
+    evidence = evidence_from_dict(reply.evidence)
+    return SegmentationResult(
+        volume=volume,
+        anchor=evidence.primary,
+        mask=np.asarray(reply.mask, dtype=np.uint8),
+        query=reply.query or None,
+        grounding=EvidenceFound(**reply.grounding) if reply.grounding else None,
+        timings=dict(reply.timings),
+        target_name=reply.target_name,
+        evidence=evidence,
+    )
+
+
 # ------------------------------------------------------------------------------------------------------ errors
 
 
