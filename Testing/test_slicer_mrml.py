@@ -11,6 +11,7 @@ ROIs -> Segment -> drag -> re-propagation) through the worker process on real mo
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -584,4 +585,113 @@ def test_find_evidence_segment_drag_repropagate(scene, sample_volume, kidney_cas
     timer.fire()
     assert timer.starts == 1 and session.reprop_requests == 1 and not session.busy  # our own ROI update did not re-trigger
     watcher.clear()
+    mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
+
+
+# ------------------------------------------------- Slicer's GIL: the worker runs at full speed while the GUI idles
+
+_LIBC = None
+
+
+def _hold_gil(seconds: float) -> None:
+    """What Qt's idle event loop does inside Slicer: sleep in C++ *without* releasing the GIL (PyDLL keeps it)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        _LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
+    _LIBC.usleep(int(seconds * 1e6))
+
+
+def _polls_until_done(done, hold_gil: bool, limit: int = 3000) -> int:
+    """100 ms polls (the panel's QTimer) until done(); between polls the main thread holds the GIL or sleeps."""
+    polls = 0
+    while not done() and polls < limit:
+        polls += 1
+        _hold_gil(0.1) if hold_gil else time.sleep(0.1)
+    return polls
+
+
+def _session_polls(session, start, hold_gil: bool):
+    start()
+    outcomes = []
+    polls = _polls_until_done(lambda: bool(outcomes.append(session.poll()) or outcomes[-1] is not None), hold_gil)
+    assert outcomes[-1] is not None and outcomes[-1].status == "ok", outcomes[-1] and outcomes[-1].message
+    return polls
+
+
+def test_the_harness_starves_a_python_thread_as_slicer_does():
+    """Premise of the next test: with the GIL held between polls, a Python worker thread crawls."""
+    import threading
+
+    def spin(finished, n=2_000_000):
+        total = 0
+        for i in range(n):
+            total += i
+        finished.set()
+
+    idle, held = threading.Event(), threading.Event()
+    threading.Thread(target=spin, args=(idle,), daemon=True).start()
+    idle_polls = _polls_until_done(idle.is_set, hold_gil=False)
+    threading.Thread(target=spin, args=(held,), daemon=True).start()
+    held_polls = _polls_until_done(held.is_set, hold_gil=True, limit=3 * idle_polls + 3)
+    assert held_polls >= 3 * idle_polls + 3 and not held.is_set(), (idle_polls, held_polls)
+    held.wait(60)  # let it finish before the next test
+
+
+def test_find_evidence_and_segment_take_as_many_polls_with_the_gil_held(scene, sample_volume, kidney_case, micro_sam2, runner):
+    """The issue's blocker: Slicer's main thread never releases the GIL while Qt idles.  With the model work in
+    the worker process, Find evidence and Segment finish in about the same number of 100 ms polls either way."""
+    _fixture_volume, _kidney, _answer, model = kidney_case
+    node = _small_ct_node(scene, sample_volume, *FLOW_SLICES)
+    session = EvidenceSession(scene, _factory(model, micro_sam2), runner=runner)
+    settings = PanelSettings()
+
+    def find():
+        mm.remove_nodes(scene, mm.evidence_rois(scene, node))
+        session.start_find_evidence(node, FLOW_QUERY, settings)
+
+    def segment():  # no ROIs on screen: query -> VLM -> propagation, the longest path
+        mm.remove_nodes(scene, mm.evidence_rois(scene, node))
+        session.start_segment(node, FLOW_QUERY, settings)
+
+    _session_polls(session, segment, hold_gil=False)  # warm-up: the worker loads the models once
+    polls = {(step.__name__, hold): 0 for step in (find, segment) for hold in (False, True)}
+    for _round in range(2):
+        for step in (find, segment):
+            for hold in (True, False):
+                polls[step.__name__, hold] += _session_polls(session, step, hold)
+    for step in ("find", "segment"):
+        idle, held = polls[step, False], polls[step, True]
+        assert held < 2 * idle + 2, polls  # the thread-based job needed ~40x more polls in the issue's measurement
+    mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])
+
+
+# ------------------------------------------------------------------------- a killed worker: scene unchanged, next run works
+
+
+def test_killing_the_worker_mid_run_leaves_the_scene_and_the_next_run_works(scene, sample_volume, micro_sam2, runner):
+    import os
+    import signal
+
+    node = _small_ct_node(scene, sample_volume)
+    session = EvidenceSession(scene, _factory(None, micro_sam2), runner=runner)
+    volume = mm.volume_from_node(node)
+    mm.place_evidence_rois(scene, node, volume, EvidenceAnchor(8, (VoxelBox.from_voxels(70, 41, 88, 60),)))
+    before = mm.node_ids(scene)
+    client = runner.client(PanelSettings())
+    session.start_segment(node, "left kidney", PanelSettings())
+    while session.progress().message == "starting":  # the worker has the request and is working on it
+        time.sleep(0.02)
+    os.kill(client.pid, signal.SIGKILL)  # as a crash or the OOM killer would
+    outcome = session.wait(timeout=60)
+    assert outcome.status == "failed" and "worker stopped unexpectedly" in outcome.message, outcome.message
+    assert outcome.error.error_class == "WorkerCrashed" and "\n" not in outcome.message
+    assert mm.node_ids(scene) == before and session.segmentation_node is None and not session.busy
+    starts = client.starts
+    session.start_segment(node, "left kidney", PanelSettings())
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "ok", outcome.message
+    assert client.starts == starts + 1 and outcome.voxels == session.result.voxel_count
     mm.remove_nodes(scene, mm.evidence_rois(scene, node) + [session.segmentation_node.GetDisplayNode(), session.segmentation_node, node])

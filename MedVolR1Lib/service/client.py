@@ -112,23 +112,24 @@ def _last_line(path: str) -> str:
     return f": {lines[-1][:200]}" if lines else ""
 
 
-class WorkerClient:
-    """One warm worker process; one job at a time."""
+class ServiceClient:
+    """What the local worker and the remote server share: send a volume once, retry with it when it was dropped."""
 
-    def __init__(self, python: str = "", *, log_dir: Optional[str] = None) -> None:
-        self.python = default_python(python)
-        self._log_dir = log_dir or tempfile.gettempdir()
-        self._transport: Optional[PipeTransport] = None
+    def __init__(self) -> None:
         self._opened: set[str] = set()
-        self.starts = 0  # worker processes started (tests: one warm worker serves many requests)
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self._transport.process.pid if self.alive else None
 
     @property
     def alive(self) -> bool:
-        return self._transport is not None and not self._transport.closed and self._transport.process.poll() is None
+        return True
+
+    def _open(self, payload: bytes) -> Transport:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        self._opened.clear()
+
+    def close(self) -> None:
+        self.kill()
 
     def start(self, volume: Optional[Volume], request, name: str = "job") -> Job:
         if volume is None:
@@ -141,6 +142,31 @@ class WorkerClient:
 
     def call(self, volume: Optional[Volume], request, timeout: Optional[float] = None):
         return run_blocking(self.start(volume, request, name=type(request).__name__), timeout)
+
+    def _bookkeep(self, request, reply) -> None:
+        if isinstance(reply, p.VolumeOpened):
+            self._opened.add(reply.volume_id)
+        elif isinstance(reply, p.ErrorReply) and reply.error_class == "UnknownVolume":
+            self._opened.discard(getattr(request, "volume_id", ""))
+
+
+class WorkerClient(ServiceClient):
+    """One warm worker process; one job at a time."""
+
+    def __init__(self, python: str = "", *, log_dir: Optional[str] = None) -> None:
+        super().__init__()
+        self.python = default_python(python)
+        self._log_dir = log_dir or tempfile.gettempdir()
+        self._transport: Optional[PipeTransport] = None
+        self.starts = 0  # worker processes started (tests: one warm worker serves many requests)
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._transport.process.pid if self.alive else None
+
+    @property
+    def alive(self) -> bool:
+        return self._transport is not None and not self._transport.closed and self._transport.process.poll() is None
 
     def kill(self) -> None:
         if self._transport is not None:
@@ -178,12 +204,6 @@ class WorkerClient:
         log.close()
         self._transport = PipeTransport(process, log.name)
         self.starts += 1
-
-    def _bookkeep(self, request, reply) -> None:
-        if isinstance(reply, p.VolumeOpened):
-            self._opened.add(reply.volume_id)
-        elif isinstance(reply, p.ErrorReply) and reply.error_class == "UnknownVolume":
-            self._opened.discard(getattr(request, "volume_id", ""))
 
     def __del__(self) -> None:
         try:

@@ -33,9 +33,6 @@ class Transport(ABC):
     """Bytes to and from one worker or one HTTP exchange."""
 
     @abstractmethod
-    def send(self, payload: bytes) -> None: ...
-
-    @abstractmethod
     def pump(self, max_wait: float, *, block: bool) -> tuple[list[Frame], bool]:
         """Move bytes for up to `max_wait` s; returns the whole frames received and whether the peer has closed.
 
@@ -113,7 +110,7 @@ class Job:
                 self._receive(p.from_frame(frame, p.REPLIES))
                 if self._state.done:
                     return
-        except ProtocolError as exc:
+        except (ProtocolError, p.ServiceError) as exc:  # garbage on the wire, an HTTP refusal, a lost connection
             transport.abort()
             self._finish(error=exc)
             return
