@@ -22,6 +22,7 @@ from .jobs import Transport
 from .server import MEDIA_TYPE, read_token
 
 _CHUNK = 1 << 20
+_CONTINUE_TIMEOUT_S = 1.0
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
@@ -39,12 +40,14 @@ class HttpTransport(Transport):
         sock.setblocking(False)
         self._sock = sock
         self._http = h11.Connection(h11.CLIENT)
+        # Expect: 100-continue lets the server refuse (401, 413) before a large volume is sent at all.
         headers = [("Host", client.netloc), ("Content-Type", MEDIA_TYPE), ("Content-Length", str(len(payload))),
-                   ("Connection", "close"), ("User-Agent", "medvolr1")]
+                   ("Connection", "close"), ("User-Agent", "medvolr1"), ("Expect", "100-continue")]
         if client.token:
             headers.append(("Authorization", f"Bearer {client.token}"))
         self._out = bytearray(self._http.send(h11.Request(method="POST", target=client.path + "/v1/run", headers=headers)))
-        self._out += self._http.send(h11.Data(data=payload)) + self._http.send(h11.EndOfMessage())
+        self._body: Optional[bytes] = self._http.send(h11.Data(data=payload)) + self._http.send(h11.EndOfMessage())
+        self._body_due = time.monotonic() + _CONTINUE_TIMEOUT_S  # servers that ignore Expect get the body anyway
         self._status: Optional[int] = None
         self._refusal = bytearray()
         self._reader = FrameReader()
@@ -55,13 +58,19 @@ class HttpTransport(Transport):
         deadline = time.monotonic() + max_wait
         wait = 0.0
         while not self.closed:
+            if self._body is not None and not self._out and time.monotonic() >= self._body_due:
+                self._release_body()
             pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+            wait = min(wait, 0.05) if self._body is not None else wait
             readable, writable, _ = select.select([self._sock], [self._sock] if self._out else [], [], 0.0 if pending else wait)
             moved = False
             try:
                 if writable:
-                    sent = self._sock.send(self._out[:_CHUNK])
-                    del self._out[:sent]
+                    try:
+                        sent = self._sock.send(self._out[:_CHUNK])
+                        del self._out[:sent]
+                    except (BrokenPipeError, ConnectionResetError):  # refused mid-body: its answer may still be readable
+                        self._out.clear()
                     moved = True
                 if readable or pending:
                     data = self._sock.recv(4 * _CHUNK)
@@ -77,7 +86,7 @@ class HttpTransport(Transport):
                 break
             if moved:
                 wait = 0.0
-            elif self._out or self._reader.partial or (block and not frames):
+            elif self._out or self._body is not None or self._reader.partial or (block and not frames):
                 wait = remaining if block else min(remaining, 0.01)
             else:
                 break
@@ -92,8 +101,12 @@ class HttpTransport(Transport):
                 raise p.ServiceError(f"the model server at {self._url} sent a broken HTTP answer: {exc}", "ConnectionError") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return frames
-            if isinstance(event, h11.Response):
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 100:
+                    self._release_body()
+            elif isinstance(event, h11.Response):
                 self._status = event.status_code
+                self._body = None  # answered before the body was asked for (a refusal): never send it
             elif isinstance(event, h11.Data):
                 if self._status == 200:
                     frames.extend(self._reader.feed(bytes(event.data)))
@@ -104,6 +117,11 @@ class HttpTransport(Transport):
                 if self._status not in (None, 200):
                     raise self._refused()
                 return frames
+
+    def _release_body(self) -> None:
+        if self._body is not None:
+            self._out += self._body
+            self._body = None
 
     def _refused(self) -> p.ServiceError:
         import json

@@ -6,7 +6,6 @@ server decides the models (its own flags); clients cannot name files or download
 limit get 413, malformed ones 400, and one request runs at a time (the GPU is shared).
 """
 
-from __future__ import annotations
 
 import asyncio
 import hmac
