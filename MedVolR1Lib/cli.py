@@ -98,15 +98,11 @@ def _reference_scores(result, reference: Optional[str], labels: Sequence[int]) -
     }
 
 
-def _provenance(pipeline) -> dict:
-    return pipeline.describe()
-
-
-def _finish(result, args, pipeline, scores: Optional[dict]) -> None:
+def _finish(result, args, provenance: dict, scores: Optional[dict]) -> None:
     from .outputs import write_outputs
     from .user_input import input_adjustments
 
-    provenance = {**_provenance(pipeline), "input_adjustments": input_adjustments(result)}
+    provenance = {**provenance, "input_adjustments": input_adjustments(result)}
     if scores:
         provenance["reference_scores"] = scores
     written = write_outputs(result, args.out, provenance, image_size=args.image_size, formats=args.formats)
@@ -157,11 +153,17 @@ def cmd_propagate(args) -> int:
         anchors=args.anchor, z_range=args.z_range, points=args.point,
     )
     evidence = require_inside_volume(evidence, volume.shape)
-    pipeline = Pipeline(_config(args))
     bar = _Bar("propagating")
-    result = pipeline.propagate(volume, evidence, progress=bar, query=args.name)
+    if args.server:
+        from .service.commands import remote_propagate
+
+        result, provenance = remote_propagate(args.server, args.token_file, volume, evidence, args.name, progress=bar)
+    else:
+        pipeline = Pipeline(_config(args))
+        result = pipeline.propagate(volume, evidence, progress=bar, query=args.name)
+        provenance = pipeline.describe()
     bar.close()
-    _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
+    _finish(result, args, provenance, _reference_scores(result, args.reference, args.label))
     return 0
 
 
@@ -169,12 +171,18 @@ def cmd_segment(args) -> int:
     from .pipeline import Pipeline
 
     volume = _load(args.volume, args.modality, args.fill_nonfinite)
-    pipeline = Pipeline(_config(args))
     bar = _Bar("segmenting")
-    result = pipeline.segment(volume, args.query, progress=bar)
+    if args.server:
+        from .service.commands import remote_segment
+
+        result, provenance = remote_segment(args.server, args.token_file, volume, args.query, progress=bar)
+    else:
+        pipeline = Pipeline(_config(args))
+        result = pipeline.segment(volume, args.query, progress=bar)
+        provenance = pipeline.describe()
     bar.close()
     print(f"reasoning: {result.grounding.reasoning!r}", file=sys.stderr)
-    _finish(result, args, pipeline, _reference_scores(result, args.reference, args.label))
+    _finish(result, args, provenance, _reference_scores(result, args.reference, args.label))
     return 0
 
 
@@ -188,6 +196,12 @@ def cmd_batch(args) -> int:
                       "skipped": summary.skipped, "failed": len(summary.failures),
                       "failures": str(summary.failures_path) if summary.failures else None}, indent=2))
     return 1 if summary.failures else 0
+
+
+def cmd_serve(args) -> int:
+    from .service.commands import run_server
+
+    return run_server(_config(args), args.host, args.port, args.token_file, args.max_request_mb, args.cache_dir)
 
 
 def cmd_samples(args) -> int:
@@ -211,7 +225,12 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
-def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="run on a `medvolr1 serve` server (http://HOST:PORT); its own model settings apply")
+    parser.add_argument("--token-file", help="file holding the server's access token")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, outputs: bool = True) -> None:
     parser.add_argument("--propagator", default="auto", choices=("auto", "litemedsam", "medsam2"),
                         help="auto: MedSAM2 when --sam-checkpoint is given and CUDA is present, else LiteMedSAM")
     parser.add_argument("--sam-checkpoint", help="MedSAM2 checkpoint (MedSAM2_latest.pt from huggingface.co/wanglab/MedSAM2)")
@@ -219,8 +238,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="extra hydra override for the MedSAM2 model config (advanced; e.g. test models)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--window", help="CT window preset (abdomen, lung, bone, soft_tissue, liver, brain) or 'percentile'")
-    parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")
     parser.add_argument("--image-size", type=int, default=448, help="rendered view size in pixels (multiple of 28)")
+    if not outputs:
+        return
+    parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")
     parser.add_argument("--reference", help="label map on the same grid to score the mask against ('sample' for the sample CT's labels)")
     parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
     parser.add_argument("--fill-nonfinite", action="store_true",
@@ -262,17 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels of the rendered slice (as in evidence.png) or canonical voxels (box edges i0,j0,i1,j1; point indices i,j)")
     p.add_argument("--name", help="segment name recorded in evidence.json")
     _add_model_flags(p)
+    _add_server_flags(p)
     p.set_defaults(func=cmd_propagate)
 
     p = sub.add_parser("segment", help="query -> evidence anchor (VLM) -> 3D mask")
     p.add_argument("--volume", required=True, help="scan file, DICOM folder, M3D-Seg case folder, or 'sample'")
     p.add_argument("--query", required=True)
-    p.add_argument("--model", required=True, help="Qwen2.5-VL / Qwen3-VL hub id or local folder")
+    p.add_argument("--model", help="Qwen2.5-VL / Qwen3-VL hub id or local folder (required unless --server)")
     p.add_argument("--lenient", action="store_true",
                    help="also accept the model's native grounding JSON (to try an off-the-shelf Instruct model untrained)")
     p.add_argument("--adapter", help="LoRA adapter folder from Training/sft.py or grpo.py")
     p.add_argument("--num-views", type=int, default=16)
     _add_model_flags(p)
+    _add_server_flags(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("batch", help="one query or anchor per manifest row over many scans; resumable, one folder per row (docs/batch.md)")
@@ -282,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-views", type=int, default=16)
     _add_model_flags(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("serve", help="serve the models over HTTP (a GPU box for Slicer on laptops); see docs/slicer_worker.md")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback needs --token-file")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token-file", help="file whose first line is the access token clients must send")
+    p.add_argument("--max-request-mb", type=int, default=1024, help="largest request body accepted (413 above)")
+    p.add_argument("--cache-dir", help="working folder of the server (default: the user cache)")
+    p.add_argument("--model", help="Qwen2.5-VL hub id or local folder (Find evidence); none: propagation only")
+    p.add_argument("--adapter", help="LoRA adapter folder")
+    p.add_argument("--num-views", type=int, default=16)
+    _add_model_flags(p, outputs=False)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("make-tiny-model", help="build a tiny random-weight Qwen2.5-VL or Qwen3-VL for tests and demos (offline)")
     p.add_argument("--out", required=True)

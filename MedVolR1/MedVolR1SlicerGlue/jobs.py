@@ -1,93 +1,51 @@
-"""Run one MedVolR1Lib call on a worker thread with progress and Cancel, without Qt.
+"""Where the panel's model work runs: a warm local worker process, or a `medvolr1 serve` server.
 
-The worker never touches the MRML scene: the GUI thread polls `BackgroundJob.poll()` (a QTimer in
-Slicer) and applies the result itself.  Cancel works through the library's progress callback, which
-raises `Cancelled` at the next report, so the library unwinds and releases what it holds.
+Not on a Python thread: Slicer's main thread holds the GIL while Qt idles, so a thread would only run
+during the 100 ms polls.  The GUI thread pumps the returned `Job` from its QTimer (`Job.poll()` never
+blocks), and Cancel stops the worker process (or drops the HTTP exchange).
 """
 
 from __future__ import annotations
 
-import threading
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from MedVolR1Lib.errors import Cancelled
-from MedVolR1Lib.progress import ProgressCallback
+from MedVolR1Lib.service.client import WorkerClient
+from MedVolR1Lib.service.jobs import Job, JobState, run_blocking  # noqa: F401 - JobState is part of this API
+from MedVolR1Lib.service.protocol import Stats
+from MedVolR1Lib.volume import Volume
 
-
-@dataclass
-class JobState:
-    done: bool
-    fraction: float
-    message: str
-    cancelled: bool = False
-    result: Any = None
-    error: Optional[BaseException] = None
-    error_trace: str = ""
+from .settings import PanelSettings
 
 
-@dataclass
-class BackgroundJob:
-    """`work(progress)` on a daemon thread; poll from the GUI thread."""
+class ModelRunner:
+    """One client per place the models can run (local interpreter, or server URL + token), kept warm."""
 
-    work: Callable[[ProgressCallback], Any]
-    name: str = "job"
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
-    _fraction: float = 0.0
-    _message: str = "starting"
-    _result: Any = None
-    _error: Optional[BaseException] = None
-    _trace: str = ""
-    _thread: Optional[threading.Thread] = None
+    def __init__(self, log_dir: Optional[str] = None) -> None:
+        self._log_dir = log_dir
+        self._clients: dict[tuple, object] = {}
 
-    def start(self) -> "BackgroundJob":
-        self._thread = threading.Thread(target=self._run, name=f"MedVolR1-{self.name}", daemon=True)
-        self._thread.start()
-        return self
+    def client(self, settings: PanelSettings):
+        url = settings.server_url.strip()
+        if url:
+            key = ("remote", url, settings.server_token_file.strip())
+            if key not in self._clients:
+                from MedVolR1Lib.service.remote import RemoteClient
 
-    def _progress(self, fraction: float, message: str) -> None:
-        if self._cancel.is_set():
-            raise Cancelled(f"{self.name} cancelled by the user")
-        with self._lock:
-            self._fraction = float(fraction)
-            self._message = str(message)
+                self._clients[key] = RemoteClient(url, token_file=key[2] or None)
+        else:
+            key = ("local", settings.python_executable.strip())
+            if key not in self._clients:
+                self._clients[key] = WorkerClient(key[1], log_dir=self._log_dir)
+        return self._clients[key]
 
-    def _run(self) -> None:
-        try:
-            result = self.work(self._progress)
-            if self._cancel.is_set():  # cancelled after the last progress report: drop the result
-                raise Cancelled(f"{self.name} cancelled by the user")
-            with self._lock:
-                self._result = result
-        except BaseException as exc:  # noqa: BLE001 - reported to the GUI thread, never swallowed
-            with self._lock:
-                self._error = exc
-                self._trace = traceback.format_exc()
-        finally:
-            self._finished.set()
+    def start(self, settings: PanelSettings, volume: Optional[Volume], request, name: str) -> Job:
+        return self.client(settings).start(volume, request, name=name)
 
-    def cancel(self) -> None:
-        self._cancel.set()
+    def stats(self, settings: PanelSettings, config: Optional[dict] = None, timeout: float = 60.0) -> dict:
+        """Counters of the worker or server (volumes held, encoder work for `config`): proves cached features are reused."""
+        return run_blocking(self.start(settings, None, Stats(config), "stats"), timeout).stats
 
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        return self._finished.wait(timeout)
-
-    def poll(self) -> JobState:
-        with self._lock:
-            error = self._error
-            return JobState(
-                done=self._finished.is_set(),
-                fraction=self._fraction,
-                message=self._message,
-                cancelled=isinstance(error, Cancelled),
-                result=self._result,
-                error=error,
-                error_trace=self._trace,
-            )
+    def shutdown(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()

@@ -1,7 +1,8 @@
 """What the panel does, as plain Python over an MRML scene: the Logic of the module without Qt.
 
-Model work runs in a `BackgroundJob`; every scene change happens in `poll()`, which the GUI thread
-calls (a QTimer in Slicer; directly in tests).  A failed or cancelled run leaves the scene as it was.
+Model work runs in a worker process (or on a `medvolr1 serve` server) through `jobs.ModelRunner`; every
+scene change happens in `poll()`, which the GUI thread calls (a QTimer in Slicer; directly in tests).
+A failed, cancelled or killed run leaves the scene as it was.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any, Callable, Optional
 
 from MedVolR1Lib.anchor import EvidenceAnchor
 from MedVolR1Lib.errors import MedVolR1Error
+from MedVolR1Lib.evidence import Evidence
+from MedVolR1Lib.service import protocol as proto
 from MedVolR1Lib.volume import Volume
 
 from . import mrml_mapping as mm
-from .jobs import BackgroundJob, JobState
+from .jobs import Job, JobState, ModelRunner
 from .settings import PanelSettings, check_settings
 
 
@@ -26,13 +29,19 @@ class BusyError(MedVolR1Error):
     """A run is in progress; wait for it or press Cancel."""
 
 
-PipelineFactory = Callable[[PanelSettings], Any]
+ConfigFactory = Callable[[PanelSettings], Any]  # -> PipelineConfig (or a Pipeline, whose config is used)
 
 
-def default_pipeline_factory(settings: PanelSettings):
-    from MedVolR1Lib.pipeline import Pipeline
+def default_config_factory(settings: PanelSettings):
+    return settings.to_config()
 
-    return Pipeline(settings.to_config())
+
+default_pipeline_factory = default_config_factory  # the name MedVolR1.py imports
+
+
+def _config_of(made) -> Any:
+    """Only the configuration crosses to the worker: accept a PipelineConfig or anything holding one."""
+    return getattr(made, "config", made)
 
 
 @dataclass
@@ -55,26 +64,28 @@ class Outcome:
 
 @dataclass
 class _Run:
-    kind: str
-    job: BackgroundJob
+    kind: str  # "evidence" | "segmentation" | "repropagation"
+    job: Job
     volume_node: Any
     volume: Volume
     query: str
+    previous: Any = None  # the SegmentationResult a re-propagation refines (keeps its grounding and name)
 
 
 class EvidenceSession:
     """State of one panel: volume, evidence ROIs, last result, the running job and a queued re-propagation."""
 
-    def __init__(self, scene, pipeline_factory: PipelineFactory = default_pipeline_factory, *, check=check_settings) -> None:
+    def __init__(self, scene, config_factory: ConfigFactory = default_config_factory, *, check=check_settings,
+                 runner: Optional[ModelRunner] = None) -> None:
         self.scene = scene
-        self._factory = pipeline_factory
+        self._config_factory = config_factory
         self._check = check
-        self._pipelines: dict[PanelSettings, Any] = {}
+        self.runner = runner or ModelRunner()
         self._run: Optional[_Run] = None
         self._queued_edit: Optional[tuple[Any, PanelSettings]] = None
         self.settings = PanelSettings()
-        self.grounding: Any = None
-        self.result: Any = None  # last SegmentationResult (its cached features make re-propagation cheap)
+        self.grounding: Any = None  # last protocol.EvidenceFound (reasoning, raw_text, slices)
+        self.result: Any = None  # last SegmentationResult (the worker keeps its features for re-propagation)
         self.segmentation_node: Any = None
         self.anchor: Optional[EvidenceAnchor] = None
         self.reprop_requests = 0
@@ -88,27 +99,32 @@ class EvidenceSession:
         return self._run.job.poll() if self._run else None
 
     def cancel(self) -> None:
+        """Stop the run now (the local worker process is stopped; the next run starts a new one)."""
         self._queued_edit = None
         if self._run:
             self._run.job.cancel()
 
-    def start_find_evidence(self, volume_node, query: str, settings: PanelSettings) -> BackgroundJob:
+    def start_find_evidence(self, volume_node, query: str, settings: PanelSettings) -> Job:
         volume, query = self._prepare(volume_node, query, settings, need_query=True)
-        return self._start("evidence", volume_node, volume, query, lambda p: self._pipeline(settings).ground(volume, query, progress=p))
+        request = proto.FindEvidence(volume.fingerprint, query, self._config(settings))
+        return self._start("evidence", volume_node, volume, query, request)
 
-    def start_segment(self, volume_node, query: str, settings: PanelSettings) -> BackgroundJob:
+    def start_segment(self, volume_node, query: str, settings: PanelSettings) -> Job:
         """Segment from the evidence ROIs on screen if there are any (the user may have fixed them), else from the query."""
         rois = mm.evidence_rois(self.scene, volume_node)
         volume, query = self._prepare(volume_node, query, settings, need_query=not rois)
         if rois:
-            anchor = mm.anchor_from_rois(volume, rois)
-            work = lambda p: self._pipeline(settings).propagate(volume, anchor, progress=p, query=query or None)  # noqa: E731
+            evidence = Evidence.single(mm.anchor_from_rois(volume, rois))
+            request = proto.Propagate(volume.fingerprint, evidence.to_dict(), query, self._config(settings))
         else:
-            work = lambda p: self._pipeline(settings).segment(volume, query, progress=p)  # noqa: E731
-        return self._start("segmentation", volume_node, volume, query, work)
+            request = proto.Segment(volume.fingerprint, query, self._config(settings))
+        return self._start("segmentation", volume_node, volume, query, request)
 
-    def on_roi_edited(self, roi, settings: Optional[PanelSettings] = None) -> Optional[BackgroundJob]:
-        """A user drag ended (after debounce): re-propagate if a segmentation exists, else just record the anchor."""
+    def on_roi_edited(self, roi, settings: Optional[PanelSettings] = None) -> Optional[Job]:
+        """A user drag ended (after debounce): re-propagate if a segmentation exists, else just record the anchor.
+
+        During a run the edit is queued and runs when it ends (a running re-propagation is not cancelled:
+        that would stop the worker and drop the cached features the next one needs)."""
         settings = settings or self.settings
         volume_id = roi.GetAttribute(mm.EVIDENCE_ATTRIBUTE)
         volume_node = self.scene.GetNodeByID(volume_id) if volume_id else None
@@ -116,8 +132,6 @@ class EvidenceSession:
             return None
         if self._run is not None:
             self._queued_edit = (roi, settings)
-            if self._run.kind == "repropagation":
-                self._run.job.cancel()  # superseded by the newer edit
             return None
         volume = mm.volume_from_node(volume_node)
         rois = mm.evidence_rois(self.scene, volume_node)
@@ -128,9 +142,8 @@ class EvidenceSession:
             return None
         self.reprop_requests += 1
         query = result.query or ""
-        return self._start(
-            "repropagation", volume_node, volume, query, lambda p: self._pipeline(settings).repropagate(result, anchor, progress=p)
-        )
+        request = proto.Propagate(volume.fingerprint, Evidence.single(anchor).to_dict(), query, self._config(settings))
+        return self._start("repropagation", volume_node, volume, query, request, previous=result)
 
     def poll(self) -> Optional[Outcome]:
         """Call on the GUI thread; returns an Outcome once the job ended (and applies it to the scene)."""
@@ -152,6 +165,13 @@ class EvidenceSession:
         self._run.job.wait(timeout)
         return self.poll()
 
+    def worker_stats(self, settings: Optional[PanelSettings] = None) -> dict:
+        """The worker's counters for these settings' models (encoded slices, VLM runs); blocks briefly, not while busy."""
+        if self._run is not None:
+            raise BusyError("a run is in progress: ask for statistics when it has finished")
+        settings = settings or self.settings
+        return self.runner.stats(settings, self._config(settings))
+
     # ----------------------------------------------------------------------------------------------- internals
     def _prepare(self, volume_node, query: str, settings: PanelSettings, *, need_query: bool) -> tuple[Volume, str]:
         if self._run is not None:
@@ -160,18 +180,17 @@ class EvidenceSession:
         volume = mm.volume_from_node(volume_node)
         if need_query and not query:
             raise QueryError("Type a clinical query first, e.g. 'segment the left kidney'")
-        self._check(settings)
+        if not settings.server_url.strip():  # a server checks its own models and devices
+            self._check(settings)
         self.settings = settings
         return volume, query
 
-    def _pipeline(self, settings: PanelSettings):
-        if settings not in self._pipelines:  # worker thread; only one job runs at a time
-            self._pipelines[settings] = self._factory(settings)
-        return self._pipelines[settings]
+    def _config(self, settings: PanelSettings) -> dict:
+        return proto.config_to_dict(_config_of(self._config_factory(settings)))
 
-    def _start(self, kind, volume_node, volume, query, work) -> BackgroundJob:
-        job = BackgroundJob(work, name=kind).start()
-        self._run = _Run(kind, job, volume_node, volume, query)
+    def _start(self, kind, volume_node, volume, query, request, previous=None) -> Job:
+        job = self.runner.start(self.settings, volume, request, kind)
+        self._run = _Run(kind, job, volume_node, volume, query, previous)
         return job
 
     def _apply(self, run: _Run, state: JobState) -> Outcome:
@@ -198,8 +217,8 @@ class EvidenceSession:
     def _apply_result(self, run: _Run, result) -> Outcome:
         volume, volume_node = run.volume, run.volume_node
         if run.kind == "evidence":
-            grounding = result
-            anchor = grounding.anchor.clipped(volume.shape) if grounding.anchor is not None else None
+            grounding = result  # protocol.EvidenceFound
+            anchor = grounding.evidence_anchor.clipped(volume.shape) if grounding.anchor is not None else None
             if anchor is None:
                 raise MedVolR1Error("the model gave no usable evidence")
             rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))
@@ -209,6 +228,9 @@ class EvidenceSession:
                 reasoning=getattr(grounding, "reasoning", "") or "", raw_text=getattr(grounding, "raw_text", "") or "",
                 anchor=anchor, rois=rois, key_ras=mm.key_point_ras(volume, anchor),
             )
+        result = proto.segmentation_result(result, volume)
+        if run.previous is not None:  # a re-propagation keeps the VLM's reasoning and the segment's name
+            result.grounding, result.target_name = run.previous.grounding, run.previous.target_name
         anchor = result.anchor.clipped(volume.shape)
         # Programmatic update (ModifiedEvent only): snaps every box onto the key slice the run used.
         rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))

@@ -1,0 +1,146 @@
+"""Owns the pipelines and the opened volumes, and answers one request at a time (worker process or server).
+
+Pipelines are kept per configuration and volumes per fingerprint, so the propagator's cached image
+features survive between requests: a re-propagation after a box drag encodes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..errors import MedVolR1Error
+from ..pipeline import Pipeline, PipelineConfig
+from ..progress import ProgressCallback
+from ..volume import Volume
+from . import protocol as p
+
+MAX_VOLUMES = 4
+
+
+class UnknownVolume(MedVolR1Error):
+    """The worker does not hold this volume (new worker, or evicted): the client sends it again."""
+
+
+@dataclass
+class EngineCounters:
+    requests: int = 0
+    grounder_runs: int = 0  # VLM calls (Find evidence, Segment from a query)
+    propagations: int = 0
+
+
+class Engine:
+    """`handle(request, progress)` -> final reply; never raises (errors become ErrorReply)."""
+
+    def __init__(self, fixed_config: Optional[PipelineConfig] = None, *, max_volumes: int = MAX_VOLUMES,
+                 pipeline_factory: Callable[[PipelineConfig], Pipeline] = Pipeline) -> None:
+        self._fixed = fixed_config  # a server decides its models; a local worker takes the client's
+        self._factory = pipeline_factory
+        self._pipelines: dict[str, Pipeline] = {}
+        self._volumes: "OrderedDict[str, Volume]" = OrderedDict()
+        self._max_volumes = max_volumes
+        self.counters = EngineCounters()
+
+    def handle(self, request, progress: Optional[ProgressCallback] = None):
+        self.counters.requests += 1
+        try:
+            return self._dispatch(request, progress)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the client as a typed reply
+            if not isinstance(exc, MedVolR1Error):
+                traceback.print_exc(file=sys.stderr)
+            return p.error_reply(exc)
+
+    # --------------------------------------------------------------------------------------------- internals
+    def _dispatch(self, request, progress):
+        if isinstance(request, p.OpenVolume):
+            volume = request.to_volume()
+            self._volumes[volume.fingerprint] = volume
+            self._volumes.move_to_end(volume.fingerprint)
+            while len(self._volumes) > self._max_volumes:
+                self._volumes.popitem(last=False)
+            return p.VolumeOpened(volume.fingerprint)
+        if isinstance(request, p.Stats):
+            return p.StatsReply(self.stats(request.config))
+        volume = self._volume(request.volume_id)
+        pipeline = self._pipeline(request.config)
+        if isinstance(request, p.FindEvidence):
+            self.counters.grounder_runs += 1
+            grounding = pipeline.ground(volume, request.query, progress=progress)
+            return p.EvidenceFound(**_grounding_fields(grounding))
+        if isinstance(request, p.Segment):
+            self.counters.grounder_runs += 1
+            self.counters.propagations += 1
+            return _mask_reply(pipeline.segment(volume, request.query, progress=progress), pipeline)
+        if isinstance(request, p.Propagate):
+            self.counters.propagations += 1
+            evidence = p.evidence_from_dict(request.evidence)
+            result = pipeline.propagate(volume, evidence, progress=progress, query=request.query or None)
+            return _mask_reply(result, pipeline)
+        raise p.ProtocolError(f"{type(request).__name__} is not a request")
+
+    def _volume(self, volume_id: str) -> Volume:
+        if volume_id not in self._volumes:
+            raise UnknownVolume(f"volume {volume_id[:12]} is not open here")
+        self._volumes.move_to_end(volume_id)
+        return self._volumes[volume_id]
+
+    def _config(self, data: Optional[dict]) -> PipelineConfig:
+        return self._fixed if self._fixed is not None else p.config_from_dict(data)
+
+    def _pipeline(self, data: Optional[dict]) -> Pipeline:
+        config = self._config(data)
+        key = json.dumps(p.config_to_dict(config), sort_keys=True)
+        if key not in self._pipelines:
+            self._pipelines[key] = self._factory(config)
+        return self._pipelines[key]
+
+    def stats(self, config: Optional[dict] = None) -> dict:
+        """Counters, opened volumes, and the encoder work of the pipeline for `config` (0 before it loads)."""
+        key = json.dumps(p.config_to_dict(self._config(config)), sort_keys=True)
+        pipeline = self._pipelines.get(key)
+        return {
+            "requests": self.counters.requests,
+            "grounder_runs": self.counters.grounder_runs,
+            "propagations": self.counters.propagations,
+            "volumes": list(self._volumes),
+            "pipelines": len(self._pipelines),
+            "encoded_slices": encoded_slices(pipeline._propagator) if pipeline is not None else 0,
+        }
+
+
+def encoded_slices(propagator) -> int:
+    """Slices the propagator's image encoder has run on (MedSAM2 counts frames, LiteMedSAM slices)."""
+    if propagator is None:
+        return 0
+    if hasattr(propagator, "encoded_frames"):
+        return int(propagator.encoded_frames)
+    stats = getattr(propagator, "stats", None)
+    return int(getattr(stats, "encoded_slices", 0))
+
+
+def _grounding_fields(grounding) -> dict:
+    anchor = grounding.anchor
+    return {
+        "anchor": anchor.to_dict() if anchor is not None else None,
+        "reasoning": grounding.reasoning or "",
+        "raw_text": grounding.raw_text or "",
+        "query": grounding.query,
+        "slices": tuple(grounding.slices),
+        "timings": {k: float(v) for k, v in (grounding.timings or {}).items() if isinstance(v, (int, float))},
+    }
+
+
+def _mask_reply(result, pipeline: Pipeline) -> p.MaskResult:
+    return p.MaskResult(
+        mask=result.mask,
+        evidence=result.evidence.to_dict(),
+        query=result.query or "",
+        target_name=result.target_name,
+        timings={k: float(v) for k, v in result.timings.items()},
+        grounding=_grounding_fields(result.grounding) if result.grounding is not None else None,
+        provenance=pipeline.describe(),
+    )
