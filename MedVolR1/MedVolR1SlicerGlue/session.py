@@ -13,8 +13,10 @@ from MedVolR1Lib.anchor import EvidenceAnchor
 from MedVolR1Lib.errors import MedVolR1Error
 from MedVolR1Lib.volume import Volume
 
+from . import evidence_edits
 from . import mrml_mapping as mm
 from .jobs import BackgroundJob, JobState
+from .segment_guard import SegmentGuard
 from .settings import PanelSettings, check_settings
 
 
@@ -78,6 +80,9 @@ class EvidenceSession:
         self.segmentation_node: Any = None
         self.anchor: Optional[EvidenceAnchor] = None
         self.reprop_requests = 0
+        # Edits never lost: each result is a version (undo), and only overwrites a segment nobody changed.
+        self.history = evidence_edits.VolumeHistory()
+        self.guard = SegmentGuard()
 
     # ------------------------------------------------------------------------------------------- GUI-thread API
     @property
@@ -101,8 +106,8 @@ class EvidenceSession:
         rois = mm.evidence_rois(self.scene, volume_node)
         volume, query = self._prepare(volume_node, query, settings, need_query=not rois)
         if rois:
-            anchor = mm.anchor_from_rois(volume, rois)
-            work = lambda p: self._pipeline(settings).propagate(volume, anchor, progress=p, query=query or None)  # noqa: E731
+            evidence = evidence_edits.evidence_from_rois(volume, rois, z_range=evidence_edits.extent_limit(volume_node))
+            work = lambda p: self._pipeline(settings).propagate(volume, evidence, progress=p, query=query or None)  # noqa: E731
         else:
             work = lambda p: self._pipeline(settings).segment(volume, query, progress=p)  # noqa: E731
         return self._start("segmentation", volume_node, volume, query, work)
@@ -110,8 +115,7 @@ class EvidenceSession:
     def on_roi_edited(self, roi, settings: Optional[PanelSettings] = None) -> Optional[BackgroundJob]:
         """A user drag ended (after debounce): re-propagate if a segmentation exists, else just record the anchor."""
         settings = settings or self.settings
-        volume_id = roi.GetAttribute(mm.EVIDENCE_ATTRIBUTE)
-        volume_node = self.scene.GetNodeByID(volume_id) if volume_id else None
+        volume_node = mm.volume_of_roi(self.scene, roi)
         if volume_node is None:
             return None
         if self._run is not None:
@@ -121,15 +125,15 @@ class EvidenceSession:
             return None
         volume = mm.volume_from_node(volume_node)
         rois = mm.evidence_rois(self.scene, volume_node)
-        anchor = mm.anchor_from_rois(volume, rois, key_roi=roi)
-        self.anchor = anchor
+        evidence = evidence_edits.evidence_from_rois(volume, rois, key_roi=roi, z_range=evidence_edits.extent_limit(volume_node))
+        self.anchor = evidence.primary
         result = self.result if self.result is not None and self.result.volume.fingerprint == volume.fingerprint else None
         if result is None:
             return None
         self.reprop_requests += 1
         query = result.query or ""
         return self._start(
-            "repropagation", volume_node, volume, query, lambda p: self._pipeline(settings).repropagate(result, anchor, progress=p)
+            "repropagation", volume_node, volume, query, lambda p: self._pipeline(settings).repropagate(result, evidence, progress=p)
         )
 
     def poll(self) -> Optional[Outcome]:
@@ -205,24 +209,29 @@ class EvidenceSession:
             rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))
             self.grounding, self.anchor = grounding, anchor
             return Outcome(
-                "evidence", "ok", f"Key slice {anchor.slice_index}, {len(anchor.boxes)} box(es)",
+                "evidence", "ok", f"Key {mm.slice_label(volume_node, volume, anchor.slice_index)}, {len(anchor.boxes)} box(es)",
                 reasoning=getattr(grounding, "reasoning", "") or "", raw_text=getattr(grounding, "raw_text", "") or "",
                 anchor=anchor, rois=rois, key_ras=mm.key_point_ras(volume, anchor),
             )
-        anchor = result.anchor.clipped(volume.shape)
-        # Programmatic update (ModifiedEvent only): snaps every box onto the key slice the run used.
-        rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))
+        evidence = result.evidence.clipped(volume.shape)
+        anchor = evidence.primary
+        # Programmatic update (ModifiedEvent only): snaps every box onto the slice of its anchor the run used.
+        rois = mm.place_evidence_rois(self.scene, volume_node, volume, evidence, mm.evidence_rois(self.scene, volume_node))
         name = (getattr(result, "target_name", "") or run.query or "MedVol-R1 target").strip()
         segmentation_node = self.segmentation_node if self.segmentation_node is not None and self.scene.IsNodePresent(self.segmentation_node) else None
-        segmentation_node, segment_id = mm.write_mask_segment(self.scene, volume_node, volume, result.mask, name, segmentation_node)
+        segmentation_node, segment_id, kept_note = self.guard.write(self.scene, volume_node, volume, result.mask, name, segmentation_node)
+        self.history.record(volume, evidence, result.mask)
         self.segmentation_node, self.result, self.anchor = segmentation_node, result, anchor
         grounding = getattr(result, "grounding", None)
         if grounding is not None:
             self.grounding = grounding
         voxels = int((result.mask > 0).sum())
-        message = f"Segment '{name}': {voxels} voxels from key slice {anchor.slice_index}"
+        segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        message = f"Segment '{segment_name}': {result.volume_ml:.1f} mL from key {mm.slice_label(volume_node, volume, anchor.slice_index)}"
         if voxels == 0:
             message += " (empty: move or enlarge the evidence box and it re-propagates)"
+        if kept_note:
+            message += f". {kept_note}"
         return Outcome(
             "segmentation", "ok", message,
             reasoning=getattr(grounding, "reasoning", "") if grounding is not None else "",
