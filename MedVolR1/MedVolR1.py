@@ -373,7 +373,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if needsModel and not self._modelIsHere(settings):
             return
-        self.logic.session.segmentation_node = self._parameterNode.outputSegmentation  # the selector is honoured
+        self._useSelectedSegmentation()
         try:
             if action == "evidence":
                 self.logic.session.start_find_evidence(volumeNode, query, settings)
@@ -383,6 +383,10 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
             return
         self._setBusy(True, _("Finding evidence...") if action == "evidence" else _("Segmenting..."))
+
+    def _useSelectedSegmentation(self) -> None:
+        """Every run writes into the segmentation chosen in the selector (None: a new one is created)."""
+        self.logic.session.segmentation_node = self._parameterNode.outputSegmentation
 
     def _modelIsHere(self, settings: PanelSettings) -> bool:
         """A Hugging Face id not downloaded yet: ask (several GB), then download with a progress dialog."""
@@ -462,6 +466,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._evidenceChanged(None, _("Extent limits cleared: updating the segment..."))
 
     def onUndo(self) -> None:
+        self._useSelectedSegmentation()
         try:
             rois = self.logic.undo(self._parameterNode.inputVolume)
         except (ValueError, MedVolR1Error) as exc:
@@ -477,6 +482,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rois = mm.evidence_rois(slicer.mrmlScene, node)
         if not rois:
             return
+        self._useSelectedSegmentation()
         try:
             job = self.logic.session.on_roi_edited(roi if roi is not None else rois[0], self.logic.settingsFrom(self._parameterNode))
         except MedVolR1Error as exc:
@@ -488,6 +494,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEvidenceEdited(self, roi) -> None:
         """End of a user drag (debounced): re-propagate from the moved evidence."""
         self._refreshEvidenceList()
+        self._useSelectedSegmentation()
         try:
             job = self.logic.session.on_roi_edited(roi, self.logic.settingsFrom(self._parameterNode))
         except MedVolR1Error as exc:

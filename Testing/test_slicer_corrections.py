@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedVolR1"))
 
 from test_slicer_mrml import ManualTimer, _factory, _set_node_array, _small_ct_node  # noqa: E402
 
-from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox  # noqa: E402
+from MedVolR1Lib.anchor import VoxelBox  # noqa: E402
 from MedVolR1Lib.errors import AnchorError  # noqa: E402
 from MedVolR1SlicerGlue import evidence_edits  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402

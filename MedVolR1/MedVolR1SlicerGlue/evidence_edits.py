@@ -176,7 +176,8 @@ def restore_version(session, volume_node, version: EvidenceVersion) -> tuple[lis
     set_extent_limit(volume_node, version.evidence.z_range)
     result = session.result
     name = (getattr(result, "target_name", "") or "MedVol-R1 target").strip()
-    segmentation_node, segment_id, _note = session.guard.write(scene, volume_node, volume, version.mask, name, session.segmentation_node)
+    target_node = session.segmentation_node if session.segmentation_node is not None and scene.IsNodePresent(session.segmentation_node) else None
+    segmentation_node, segment_id, _note = session.guard.write(scene, volume_node, volume, version.mask, name, target_node)
     session.segmentation_node = segmentation_node
     if result is not None:
         session.result = replace(result, anchor=version.evidence.primary, mask=version.mask, evidence=version.evidence)
