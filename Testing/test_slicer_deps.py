@@ -128,3 +128,19 @@ def test_download_progress_follows_huggingface_hubs_bars():
         data.update(1)
     files.close()
     data.close()
+
+
+def test_opening_the_panel_imports_no_torch():
+    """Everything MedVolR1.py imports at module level (the panel opening) stays clear of torch and CUDA."""
+    import ast
+    import subprocess
+
+    module = Path(__file__).resolve().parents[1] / "MedVolR1" / "MedVolR1.py"
+    glue = sorted({node.module for node in ast.parse(module.read_text()).body
+                   if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("MedVolR1SlicerGlue", "MedVolR1Lib"))})
+    glue += ["MedVolR1SlicerGlue." + name for name in ("deps", "evidence_edits", "model_source", "mrml_mapping", "settings")]
+    code = (f"import sys; sys.path.insert(0, {str(module.parent)!r}); import importlib\n"
+            f"for name in {glue!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'sam2', 'huggingface_hub') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
