@@ -531,6 +531,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reasoningTextEdit.setPlainText(outcome.reasoning or outcome.raw_text)
         self._watcher.watch(outcome.rois)
         volumeNode = self._parameterNode.inputVolume
+        if outcome.kind == "evidence":  # new evidence from the model: limits set for the old evidence no longer apply
+            evidence_edits.set_extent_limit(volumeNode, None)
         if outcome.key_ras is not None:
             self.logic.showKeySlice(volumeNode, outcome.key_ras, outcome.segmentation_node)
         if outcome.segmentation_node is not None:
