@@ -581,7 +581,8 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
         wrong torch cannot be fixed by pip while Slicer has it loaded).  pip failures come back as one readable
         RuntimeError.  When pip replaced a package this Slicer had already imported, the user is told to restart.
         """
-        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
+        withModel = has_evidence_model(settings)
+        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
         if not missing:
             return True
         problem = deps.check_torch(settings.propagator, settings.sam_checkpoint)
@@ -614,7 +615,7 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
                 _("These packages were updated but older versions are already loaded. Restart Slicer, then run again:\n\n")
                 + "\n".join(changed), windowTitle=_("MedVol-R1: restart Slicer"))
             return False
-        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
+        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
 
     @staticmethod
     def _pipInstall(requirement, pipEnsure) -> None:

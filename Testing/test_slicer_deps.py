@@ -144,3 +144,9 @@ def test_opening_the_panel_imports_no_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'sam2', 'huggingface_hub') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_no_model_path_does_not_ask_for_the_evidence_models_packages(monkeypatch):
+    monkeypatch.setattr(deps, "is_installed", lambda r: r.import_name not in ("transformers", "peft"))
+    assert [r.import_name for r in deps.missing_requirements("litemedsam")] == ["transformers", "peft"]
+    assert deps.missing_requirements("litemedsam", evidence_model=False) == []

@@ -58,9 +58,16 @@ def needs_sam2(propagator: str, sam_checkpoint: str = "") -> bool:
     return propagator == "medsam2" or (propagator == "auto" and bool(sam_checkpoint.strip()))
 
 
-def missing_requirements(propagator: str, sam_checkpoint: str = "", python_version: tuple = tuple(sys.version_info[:2])) -> list[Requirement]:
-    """Missing packages for a run with this propagator; raises UnsupportedPython when one cannot exist here."""
-    wanted = [TORCH, *REQUIREMENTS]
+EVIDENCE_MODEL_ONLY = ("transformers", "peft")  # not needed to segment from boxes the user drew
+
+
+def missing_requirements(
+    propagator: str, sam_checkpoint: str = "", python_version: tuple = tuple(sys.version_info[:2]), *, evidence_model: bool = True
+) -> list[Requirement]:
+    """Missing packages for a run with this propagator (and the evidence model, unless `evidence_model` is
+    False: the no-model path needs neither transformers nor peft); raises UnsupportedPython when one cannot
+    exist here."""
+    wanted = [TORCH, *(r for r in REQUIREMENTS if evidence_model or r.import_name not in EVIDENCE_MODEL_ONLY)]
     if needs_sam2(propagator, sam_checkpoint):
         wanted.append(SAM2)
     missing = [r for r in wanted if not is_installed(r)]

@@ -104,7 +104,8 @@ def default_box(volume: Volume, center_ras: Optional[Sequence[float]] = None) ->
         ci, cj = (cols - 1) / 2.0, (rows - 1) / 2.0
     half_i, half_j = max(1.0, cols * DEFAULT_BOX_FRACTION / 2.0), max(1.0, rows * DEFAULT_BOX_FRACTION / 2.0)
     ci, cj = float(np.clip(ci, half_i - 0.5, cols - half_i - 0.5)), float(np.clip(cj, half_j - 0.5, rows - half_j - 0.5))
-    return VoxelBox(round(ci + 0.5 - half_i), round(cj + 0.5 - half_j), round(ci + 0.5 + half_i), round(cj + 0.5 + half_j))
+    edges = (ci + 0.5 - half_i, cj + 0.5 - half_j, ci + 0.5 + half_i, cj + 0.5 + half_j)
+    return VoxelBox(*(float(round(v)) for v in edges))
 
 
 def add_box(scene, volume_node, volume: Volume, slice_index: int, box: Optional[VoxelBox] = None, center_ras=None):
