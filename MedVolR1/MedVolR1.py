@@ -11,8 +11,12 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+import unittest
 
 import qt
 import slicer
@@ -42,12 +46,22 @@ def _ensureLibraryImportable() -> None:
 
 _ensureLibraryImportable()
 
-from MedVolR1Lib.errors import MedVolR1Error  # noqa: E402
+from MedVolR1Lib.errors import AnchorError, MedVolR1Error  # noqa: E402
 from MedVolR1SlicerGlue import deps  # noqa: E402
+from MedVolR1SlicerGlue import evidence_edits  # noqa: E402
+from MedVolR1SlicerGlue import model_source  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
 from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
 from MedVolR1SlicerGlue.session import EvidenceSession, Outcome, default_pipeline_factory  # noqa: E402
-from MedVolR1SlicerGlue.settings import DEVICE_CHOICES, PROPAGATOR_CHOICES, PanelSettings, detect_devices  # noqa: E402
+from MedVolR1SlicerGlue.settings import (  # noqa: E402
+    DEVICE_CHOICES,
+    NO_EVIDENCE_MODEL_HINT,
+    NOT_CHECKED,
+    PROPAGATOR_CHOICES,
+    PanelSettings,
+    detect_devices,
+    has_evidence_model,
+)
 
 EDIT_DEBOUNCE_MS = 400
 POLL_INTERVAL_MS = 100
@@ -66,9 +80,9 @@ class MedVolR1(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedVol-R1 contributors"]
         self.parent.helpText = _(
-            "Ask a clinical question about a CT/MR volume. A vision-language model (Qwen2.5-VL) picks the key axial "
-            "slice and draws evidence boxes; a frozen promptable segmenter (MedSAM2 on GPU, LiteMedSAM on CPU) "
-            "propagates them to a 3D segment. Move or resize an evidence box and the segment follows."
+            "Draw a box around a structure on one axial slice (or let a trained evidence model find the slice and "
+            "boxes from a question) and get its 3D segment. Move a box, add boxes on other slices, or limit how far "
+            "up or down the segment may reach, and the segment follows; Undo steps back. Research use only."
         )
         self.parent.acknowledgementText = _(
             "Uses Qwen2.5-VL (Alibaba), SAM2 (Meta), MedSAM2 and LiteMedSAM (Bo Wang lab), and the TotalSegmentator "
@@ -92,6 +106,9 @@ class MedVolR1ParameterNode:
     propagator: str = "auto"
     samCheckpoint: str = ""
     device: str = "auto"
+    serverUrl: str = ""
+    serverTokenFile: str = ""
+    pythonExecutable: str = ""
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -146,9 +163,9 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPoll)
 
         self.ui.propagatorComboBox.addItems(list(PROPAGATOR_CHOICES))
-        devices = detect_devices()
-        self.ui.deviceComboBox.addItems([d for d in DEVICE_CHOICES if d in devices.choices])
-        self.ui.deviceLabel.text = devices.summary
+        # No torch import and no CUDA here: opening the panel must stay instant.  "Check" detects devices.
+        self.ui.deviceComboBox.addItems(list(NOT_CHECKED.choices))
+        self.ui.deviceLabel.text = NOT_CHECKED.summary
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
 
@@ -158,11 +175,22 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.findEvidenceButton.connect("clicked(bool)", self.onFindEvidence)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.addBoxButton.connect("clicked(bool)", self.onAddBox)
+        self.ui.removeBoxButton.connect("clicked(bool)", self.onRemoveBox)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.limitTopButton.connect("clicked(bool)", lambda: self.onLimitExtent("top"))
+        self.ui.limitBottomButton.connect("clicked(bool)", lambda: self.onLimitExtent("bottom"))
+        self.ui.clearLimitButton.connect("clicked(bool)", self.onClearLimits)
+        self.ui.evidenceListWidget.connect("itemClicked(QListWidgetItem*)", self.onEvidenceItemClicked)
+        self.ui.evidenceListWidget.connect("itemSelectionChanged()", self._updateButtons)
+        self.ui.detectDevicesButton.connect("clicked(bool)", self.onDetectDevices)
         self.ui.propagatorComboBox.connect("currentIndexChanged(int)", self.onPropagatorChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.modelLineEdit, folder=True))
         self.ui.adapterBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.adapterLineEdit, folder=True))
         self.ui.samCheckpointBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.samCheckpointLineEdit, folder=False))
+        self.ui.serverTokenBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.serverTokenLineEdit, folder=False, title=_("Choose the token file")))
+        self.ui.pythonBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.pythonLineEdit, folder=False, title=_("Choose a Python interpreter")))
 
         self.initializeParameterNode()
 
@@ -211,6 +239,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._syncCombos()
             self._updateButtons()
+            self._refreshEvidenceList()
 
     # ---------------------------------------------------------------------------------------------- GUI state
     def _syncCombos(self) -> None:
@@ -236,22 +265,86 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode and not self._syncingCombos and self._parameterNode.device != self.ui.deviceComboBox.currentText:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
 
+    def onDetectDevices(self) -> None:
+        """On request only: imports torch and asks CUDA (never when the panel opens)."""
+        with slicer.util.WaitCursor():
+            devices = detect_devices()
+        self._syncingCombos = True
+        try:
+            self.ui.deviceComboBox.clear()
+            self.ui.deviceComboBox.addItems([d for d in DEVICE_CHOICES if d in devices.choices])
+        finally:
+            self._syncingCombos = False
+        self.ui.deviceLabel.text = devices.summary
+        if self._parameterNode:
+            self._syncCombos()
+
     def _updateButtons(self, caller=None, event=None) -> None:
         busy = self.logic is not None and self.logic.session.busy
-        hasVolume = bool(self._parameterNode and self._parameterNode.inputVolume)
+        node = self._parameterNode.inputVolume if self._parameterNode else None
+        hasVolume = node is not None
         hasQuery = bool(self._parameterNode and self._parameterNode.query.strip())
-        hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, self._parameterNode.inputVolume))
-        self.ui.findEvidenceButton.enabled = not busy and hasVolume and hasQuery
-        self.ui.segmentButton.enabled = not busy and hasVolume and (hasQuery or hasEvidence)
+        hasModel = bool(self._parameterNode) and has_evidence_model(self.logic.settingsFrom(self._parameterNode))
+        hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, node))
+        self.ui.findEvidenceButton.enabled = not busy and hasVolume and hasQuery and hasModel
+        self.ui.segmentButton.enabled = not busy and hasVolume and (hasEvidence or (hasQuery and hasModel))
         self.ui.cancelButton.enabled = busy
-        self.ui.findEvidenceButton.toolTip = _("Ask the model for the key slice and evidence boxes") if hasQuery else _("Type a query first")
+        if not hasModel:
+            self.ui.findEvidenceButton.toolTip = _(NO_EVIDENCE_MODEL_HINT)
+        elif not hasQuery:
+            self.ui.findEvidenceButton.toolTip = _("Type a question first")
+        else:
+            self.ui.findEvidenceButton.toolTip = _("Ask the evidence model for the key slice and boxes")
+        self.ui.evidenceModelHintLabel.text = "" if hasModel else _(NO_EVIDENCE_MODEL_HINT)
+        self.ui.evidenceModelHintLabel.visible = not hasModel
+        self.ui.addBoxButton.text = _("Add box on this slice") if hasEvidence else _("Draw evidence box")
+        self.ui.addBoxButton.enabled = hasVolume
+        self.ui.removeBoxButton.enabled = not busy and self._selectedRoi() is not None
+        self.ui.undoButton.enabled = not busy and self.logic is not None and self.logic.session.history.can_undo
+        for button in (self.ui.limitTopButton, self.ui.limitBottomButton):
+            button.enabled = not busy and hasVolume
+        self.ui.clearLimitButton.enabled = not busy and hasVolume and evidence_edits.extent_limit(node) is not None
+        self.ui.extentLabel.text = self.logic.extentText(node) if hasVolume else _("Extent: whole scan")
 
-    def _browse(self, lineEdit, folder: bool) -> None:
+    def _refreshEvidenceList(self) -> None:
+        """One line per evidence box, with its slice as Slicer shows it; keeps the selection."""
+        selected = self._selectedRoi()
+        self.ui.evidenceListWidget.clear()
+        node = self._parameterNode.inputVolume if self._parameterNode else None
+        if node is None:
+            return
+        rois = mm.evidence_rois(slicer.mrmlScene, node)
+        if rois:
+            try:
+                volume = mm.volume_from_node(node)
+            except MedVolR1Error:
+                return
+            for roi in rois:
+                _box, k = mm.box_from_roi(volume, roi)
+                item = qt.QListWidgetItem(f"{roi.GetName()}: {mm.slice_label(node, volume, k)}")
+                item.setData(qt.Qt.UserRole, roi.GetID())
+                self.ui.evidenceListWidget.addItem(item)
+                if roi is selected:
+                    self.ui.evidenceListWidget.setCurrentItem(item)
+        self._updateButtons()
+
+    def _selectedRoi(self):
+        item = self.ui.evidenceListWidget.currentItem()
+        return slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole)) if item is not None else None
+
+    def onEvidenceItemClicked(self, item) -> None:
+        roi = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
+        if roi is not None:
+            center, _size = mm.roi_center_size(roi)
+            self.logic.jumpAllSlices(center)
+        self._updateButtons()
+
+    def _browse(self, lineEdit, folder: bool, title: str = "") -> None:
         start = lineEdit.text or os.path.expanduser("~")
         if folder:
             path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder"), start)
         else:
-            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose the MedSAM2 checkpoint"), start, "PyTorch checkpoint (*.pt *.pth)")
+            path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), title or _("Choose the MedSAM2 checkpoint"), start)
         if path:
             lineEdit.text = path  # emits textChanged, which QLineEditToStrConnector observes
 
@@ -269,15 +362,19 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------------------------------------ actions
     def _start(self, action: str) -> None:
         settings = self.logic.settingsFrom(self._parameterNode)
+        volumeNode, query = self._parameterNode.inputVolume, self._parameterNode.query
+        needsModel = action == "evidence" or not mm.evidence_rois(slicer.mrmlScene, volumeNode)
         try:
             installed = self.logic.ensureDependencies(settings)
-        except (RuntimeError, deps.UnsupportedPython) as exc:  # pip/light-the-torch failure, Python too old
+        except (RuntimeError, deps.UnsupportedPython) as exc:  # pip failure, old torch, Python too old
             slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1: install dependencies"))
             return
         if not installed:
-            self.ui.statusLabel.text = _("Missing Python packages: not installed, nothing was run")
+            self.ui.statusLabel.text = _("Missing Python packages were not installed; nothing was run")
             return
-        volumeNode, query = self._parameterNode.inputVolume, self._parameterNode.query
+        if needsModel and not self._modelIsHere(settings):
+            return
+        self._useSelectedSegmentation()
         try:
             if action == "evidence":
                 self.logic.session.start_find_evidence(volumeNode, query, settings)
@@ -287,6 +384,36 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
             return
         self._setBusy(True, _("Finding evidence...") if action == "evidence" else _("Segmenting..."))
+
+    def _useSelectedSegmentation(self) -> None:
+        """Every run writes into the segmentation chosen in the selector (None: a new one is created)."""
+        self.logic.session.segmentation_node = self._parameterNode.outputSegmentation
+
+    def _modelIsHere(self, settings: PanelSettings) -> bool:
+        """A Hugging Face id not downloaded yet: ask (several GB), then download with a progress dialog."""
+        plan = model_source.download_plan(settings.model)
+        if not model_source.confirm_download(plan, lambda text: slicer.util.confirmOkCancelDisplay(text, windowTitle=_("MedVol-R1: download the evidence model"))):
+            self.ui.statusLabel.text = _("The evidence model was not downloaded; nothing was run")
+            return False
+        if plan is None:
+            return True
+        download = model_source.ModelDownload(plan.repo_id).start()
+        dialog = slicer.util.createProgressDialog(parent=slicer.util.mainWindow(), value=0, maximum=100,
+                                                  windowTitle=_("MedVol-R1"), labelText=_("Downloading {model}").format(model=plan.repo_id))
+        try:
+            while not download.done:  # pump loop: sleep releases the GIL so the download thread runs at full speed
+                if dialog.wasCanceled:
+                    download.cancel()
+                dialog.setValue(int(100 * download.progress.fraction))
+                dialog.setLabelText(_("Downloading {model}: {progress}").format(model=plan.repo_id, progress=download.progress.message))
+                slicer.app.processEvents()
+                time.sleep(0.1)
+        finally:
+            dialog.close()
+        if download.error is not None:
+            slicer.util.errorDisplay(_("The evidence model could not be downloaded: ") + str(download.error), windowTitle=_("MedVol-R1"))
+            return False
+        return True
 
     def onFindEvidence(self) -> None:
         self._start("evidence")
@@ -298,15 +425,84 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.session.cancel()
         self.ui.statusLabel.text = _("Cancelling...")
 
+    def onAddBox(self) -> None:
+        """"Draw evidence box" / "Add box on this slice": a box on the Red view's slice, to drag onto the target.
+        Nothing runs until the user moves it (the drag ends -> the segment follows)."""
+        try:
+            roi = self.logic.addBox(self._parameterNode.inputVolume)
+        except MedVolR1Error as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
+            return
+        self._watcher.add(roi)
+        self._refreshEvidenceList()
+        self.ui.statusLabel.text = _("Drag the box's handles around the target on this slice; then press Segment (or, "
+                                     "once there is a segment, it follows when you let go)")
+
+    def onRemoveBox(self) -> None:
+        roi = self._selectedRoi()
+        try:
+            remaining = self.logic.removeBox(self._parameterNode.inputVolume, roi)
+        except MedVolR1Error as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
+            return
+        self._refreshEvidenceList()
+        if remaining:
+            self._evidenceChanged(remaining[0], _("Box removed: updating the segment..."))
+        else:
+            self.ui.statusLabel.text = _("No evidence boxes left; the segment was left as it is")
+
+    def onLimitExtent(self, side: str) -> None:
+        node = self._parameterNode.inputVolume
+        try:
+            self.logic.limitExtent(node, side)
+        except MedVolR1Error as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1: extent limit not changed"))
+            return
+        self._updateButtons()
+        self._evidenceChanged(None, _("Extent limited: updating the segment..."))
+
+    def onClearLimits(self) -> None:
+        evidence_edits.set_extent_limit(self._parameterNode.inputVolume, None)
+        self._updateButtons()
+        self._evidenceChanged(None, _("Extent limits cleared: updating the segment..."))
+
+    def onUndo(self) -> None:
+        self._useSelectedSegmentation()
+        try:
+            rois = self.logic.undo(self._parameterNode.inputVolume)
+        except (ValueError, MedVolR1Error) as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self._watcher.watch(rois)
+        self._refreshEvidenceList()
+        self.ui.statusLabel.text = _("Undone: the previous boxes, limits and segment are back")
+
+    def _evidenceChanged(self, roi, message: str) -> None:
+        """Boxes or limits changed: re-propagate when a segment exists (cached image features, no model call)."""
+        node = self._parameterNode.inputVolume
+        rois = mm.evidence_rois(slicer.mrmlScene, node)
+        if not rois:
+            return
+        self._useSelectedSegmentation()
+        try:
+            job = self.logic.session.on_roi_edited(roi if roi is not None else rois[0], self.logic.settingsFrom(self._parameterNode))
+        except MedVolR1Error as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
+            return
+        if job is not None or self.logic.session.busy:
+            self._setBusy(True, message)
+
     def onEvidenceEdited(self, roi) -> None:
         """End of a user drag (debounced): re-propagate from the moved evidence."""
+        self._refreshEvidenceList()
+        self._useSelectedSegmentation()
         try:
             job = self.logic.session.on_roi_edited(roi, self.logic.settingsFrom(self._parameterNode))
         except MedVolR1Error as exc:
             self.ui.statusLabel.text = str(exc)
             return
         if job is not None or self.logic.session.busy:
-            self._setBusy(True, _("Re-propagating from the edited evidence..."))
+            self._setBusy(True, _("Updating the segment from the moved box..."))
 
     def onPoll(self) -> None:
         state = self.logic.session.progress()
@@ -328,6 +524,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
             if outcome.error is not None and not isinstance(outcome.error, MedVolR1Error):
                 logging.error("MedVol-R1 run failed", exc_info=outcome.error)
+            slicer.util.errorDisplay(outcome.message, windowTitle=_("MedVol-R1: the run failed"), detailedText=shown or None)
             return
         if outcome.status != "ok":
             return
@@ -335,10 +532,13 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reasoningTextEdit.setPlainText(outcome.reasoning or outcome.raw_text)
         self._watcher.watch(outcome.rois)
         volumeNode = self._parameterNode.inputVolume
+        if outcome.kind == "evidence":  # new evidence from the model: limits set for the old evidence no longer apply
+            evidence_edits.set_extent_limit(volumeNode, None)
         if outcome.key_ras is not None:
             self.logic.showKeySlice(volumeNode, outcome.key_ras, outcome.segmentation_node)
         if outcome.segmentation_node is not None:
             self._parameterNode.outputSegmentation = outcome.segmentation_node
+        self._refreshEvidenceList()
 
 
 #
@@ -347,7 +547,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedVolR1Logic(ScriptedLoadableModuleLogic):
-    """Slicer-side logic; the scene work itself is MedVolR1SlicerGlue.session.EvidenceSession (Qt-free)."""
+    """Slicer-side logic; the scene work itself is MedVolR1SlicerGlue (Qt-free, tested on slicer-core)."""
 
     def __init__(self, pipelineFactory=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -369,14 +569,26 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
             propagator=parameterNode.propagator,
             sam_checkpoint=parameterNode.samCheckpoint,
             device=parameterNode.device,
+            server_url=parameterNode.serverUrl.strip(),
+            server_token_file=parameterNode.serverTokenFile.strip(),
+            python_executable=parameterNode.pythonExecutable.strip(),
         )
 
     # ------------------------------------------------------------------------------------------ dependencies
     def ensureDependencies(self, settings: PanelSettings, confirm: bool = True) -> bool:
-        """Install what is missing after the user agrees; never downloads during tests."""
-        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
+        """Install what is missing after the user agrees; never downloads during tests.
+
+        Before anything is installed the installed torch is checked against what sam2/transformers need (a
+        wrong torch cannot be fixed by pip while Slicer has it loaded).  pip failures come back as one readable
+        RuntimeError.  When pip replaced a package this Slicer had already imported, the user is told to restart.
+        """
+        withModel = has_evidence_model(settings)
+        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
         if not missing:
             return True
+        problem = deps.check_torch(settings.propagator, settings.sam_checkpoint)
+        if problem:
+            raise RuntimeError(problem)
         names = ", ".join(r.import_name for r in missing)
         if slicer.app.testingEnabled():
             raise RuntimeError(f"MedVol-R1 test needs these Python packages installed beforehand: {names}")
@@ -386,23 +598,44 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
             windowTitle=_("MedVol-R1: install dependencies"),
         ):
             return False
+        pipEnsure = deps.find_pip_ensure(slicer)
+        before = deps.installed_versions()
         with slicer.util.WaitCursor():
             for requirement in missing:
-                if requirement is deps.TORCH:
-                    self._installTorch()
-                    continue
-                saved = {key: os.environ.get(key) for key in requirement.environment}
-                os.environ.update(requirement.environment)
                 try:
-                    slicer.util.pip_install(requirement.pip_args)
-                finally:
-                    for key, value in saved.items():
-                        if value is None:
-                            os.environ.pop(key, None)
-                        else:
-                            os.environ[key] = value
+                    if requirement is deps.TORCH:
+                        self._installTorch()
+                    else:
+                        self._pipInstall(requirement, pipEnsure)
+                except subprocess.CalledProcessError as exc:
+                    raise RuntimeError(deps.pip_failure_message(requirement.import_name, exc)) from exc
         importlib.invalidate_caches()  # packages installed by a subprocess are found by find_spec at once
-        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint)
+        changed = deps.restart_needed(before, deps.installed_versions())
+        if changed and pipEnsure is None:  # pip_ensure offers the restart itself
+            slicer.util.warningDisplay(
+                _("These packages were updated but older versions are already loaded. Restart Slicer, then run again:\n\n")
+                + "\n".join(changed), windowTitle=_("MedVol-R1: restart Slicer"))
+            return False
+        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
+
+    @staticmethod
+    def _pipInstall(requirement, pipEnsure) -> None:
+        """slicer.packaging.pip_ensure where this Slicer has it (plain requirements), else slicer.util.pip_install."""
+        if pipEnsure is not None and not requirement.environment and not requirement.pip_args.startswith("-"):
+            from packaging.requirements import Requirement as PipRequirement
+
+            pipEnsure([PipRequirement(spec) for spec in requirement.pip_args.split()], prompt_install=False, requester="MedVol-R1")
+            return
+        saved = {key: os.environ.get(key) for key in requirement.environment}
+        os.environ.update(requirement.environment)
+        try:
+            slicer.util.pip_install(requirement.pip_args)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     @staticmethod
     def _installTorch() -> None:
@@ -422,17 +655,66 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
             if torch is None:
                 raise RuntimeError("PyTorch was not installed; MedVol-R1 cannot run without it")
 
+    # ------------------------------------------------------------------------------------------- corrections
+    @staticmethod
+    def redSliceNode():
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.sliceWidget("Red") is not None:
+            return layoutManager.sliceWidget("Red").mrmlSliceNode()
+        return slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNodeRed")
+
+    def currentSlice(self, volume):
+        """(canonical slice index, view centre RAS) of the Red view; the volume's middle slice without one."""
+        redNode = self.redSliceNode()
+        if redNode is None:
+            return volume.num_slices // 2, None
+        return mm.slice_index_of_view(redNode, volume), mm.view_center_ras(redNode)
+
+    def addBox(self, volumeNode, sliceIndex=None, box=None):
+        """A new evidence box on the Red view's slice (or `sliceIndex`): a new anchor unless one is there."""
+        volume = mm.volume_from_node(volumeNode)
+        shown, center = self.currentSlice(volume)
+        return evidence_edits.add_box(slicer.mrmlScene, volumeNode, volume, shown if sliceIndex is None else sliceIndex, box, center)
+
+    def removeBox(self, volumeNode, roi) -> list:
+        return evidence_edits.remove_box(slicer.mrmlScene, volumeNode, roi)
+
+    def limitExtent(self, volumeNode, side: str, sliceIndex=None):
+        volume = mm.volume_from_node(volumeNode)
+        shown, _center = self.currentSlice(volume)
+        return evidence_edits.limit_extent(slicer.mrmlScene, volumeNode, volume, shown if sliceIndex is None else sliceIndex, side)
+
+    def undo(self, volumeNode) -> list:
+        rois, _segmentId = evidence_edits.undo(self.session, volumeNode)
+        return rois
+
+    @staticmethod
+    def extentText(volumeNode) -> str:
+        limit = evidence_edits.extent_limit(volumeNode)
+        if limit is None:
+            return _("Extent: whole scan")
+        volume = mm.volume_from_node(volumeNode)
+        low, high = (mm.slice_label(volumeNode, volume, k) for k in limit)
+        return _("Extent: from {low} up to {high}").format(low=low, high=high)
+
     # ------------------------------------------------------------------------------------------------- views
     @staticmethod
-    def showKeySlice(volumeNode, ras, segmentationNode=None) -> None:
-        """Show the volume and jump the Red (axial) view to the key slice; no-op without a layout (batch mode)."""
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
+    def jumpAllSlices(ras) -> None:
+        """Centre every slice view on `ras` (Slicer's JumpSlicesToLocation where available)."""
+        markups = getattr(slicer.modules, "markups", None)
+        markupsLogic = markups.logic() if markups is not None else None
+        if markupsLogic is not None and hasattr(markupsLogic, "JumpSlicesToLocation"):
+            markupsLogic.JumpSlicesToLocation(float(ras[0]), float(ras[1]), float(ras[2]), True)
+            return
+        for sliceNode in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+            mm.jump_slice_node(sliceNode, ras)
+
+    def showKeySlice(self, volumeNode, ras, segmentationNode=None) -> None:
+        """Show the volume and jump all slice views to the key slice; no-op without a layout (batch mode)."""
+        if slicer.app.layoutManager() is None:
             return
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=False)
-        sliceWidget = layoutManager.sliceWidget("Red")
-        if sliceWidget is not None:
-            mm.jump_slice_node(sliceWidget.mrmlSliceNode(), ras)
+        self.jumpAllSlices(ras)
         if segmentationNode is not None and segmentationNode.GetDisplayNode() is not None:
             segmentationNode.GetDisplayNode().SetVisibility(True)
 
@@ -454,8 +736,13 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
 
 
 class MedVolR1Test(ScriptedLoadableModuleTest):
-    """Runs in real Slicer (`Slicer --testing`), offline, through the panel's whole path: a synthetic phantom;
-    query -> Find evidence -> evidence ROIs -> Segment -> the user drags an ROI -> one re-propagation.
+    """Runs in real Slicer (`Slicer --testing`), offline, on a synthetic phantom.
+
+    test_scene_logic needs no model and no torch (runs on any factory build): evidence boxes added on two
+    slices, an extent limit refused and then set, a box removed, a click on a handle that triggers nothing,
+    and undo bringing back the previous boxes and segment.  test_evidence_segment_and_edit goes through the
+    panel's whole path (query -> Find evidence -> evidence ROIs -> Segment -> the user drags an ROI -> one
+    re-propagation) and is skipped where torch, transformers or sam2 are not installed.
 
     The VLM is the tiny local Qwen2.5-VL *taught one answer* for this phantom and query
     (MedVolR1Lib.fixtures.answering_qwen, seconds on CPU): a wiring fixture that says what it was told, so the
@@ -472,8 +759,14 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        """"Reload and Test" calls this directly (ctest runs the test_ methods through unittest)."""
         self.setUp()
-        self.test_evidence_segment_and_edit()
+        self.test_scene_logic()
+        self.setUp()
+        try:
+            self.test_evidence_segment_and_edit()
+        except unittest.SkipTest as skipped:
+            self.delayDisplay(f"Full-flow test skipped: {skipped}")
 
     def _phantom(self):
         import numpy as np
@@ -499,14 +792,64 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
                                 device="cpu", num_views=self.NUM_VIEWS, image_size=self.IMAGE_SIZE)
         return lambda settings: Pipeline(config)
 
-    def test_evidence_segment_and_edit(self):
-        import time
-
+    def test_scene_logic(self):
         import numpy as np
 
-        from MedVolR1Lib.anchor import box_ras_bounds, parse_answer
+        from MedVolR1Lib.anchor import VoxelBox
+
+        self.delayDisplay("Evidence boxes, extent limits, remove and undo (no model)")
+        volumeNode = self._phantom()
+        volume = mm.volume_from_node(volumeNode)
+        logic = MedVolR1Logic()
+        box = VoxelBox.from_voxels(33, 21, 46, 38)
+        first = logic.addBox(volumeNode, sliceIndex=12, box=box)
+        logic.addBox(volumeNode, sliceIndex=12, box=VoxelBox.from_voxels(10, 10, 20, 20))
+        upper = logic.addBox(volumeNode, sliceIndex=16, box=box)
+        evidence = evidence_edits.scene_evidence(slicer.mrmlScene, volumeNode, volume)
+        self.assertEqual(evidence.anchor_slices, (12, 16))
+        self.assertEqual(len(evidence.anchors[0].boxes), 2)
+        with self.assertRaises(AnchorError):  # the box on slice 16 lies above the new top: nothing changes
+            logic.limitExtent(volumeNode, "top", sliceIndex=14)
+        self.assertIsNone(evidence_edits.extent_limit(volumeNode))
+        logic.removeBox(volumeNode, upper)
+        self.assertEqual(logic.limitExtent(volumeNode, "top", sliceIndex=14), (0, 14))
+        self.assertEqual(evidence_edits.scene_evidence(slicer.mrmlScene, volumeNode, volume).z_range, (0, 14))
+
+        edits = []
+        watcher = RoiEditWatcher(edits.append, _QtSingleShot(), delay_ms=0)
+        watcher.watch([first])
+        first.InvokeEvent(first.PointStartInteractionEvent)
+        first.InvokeEvent(first.PointEndInteractionEvent)  # a click on a handle, no move
+        slicer.app.processEvents()
+        self.assertEqual(edits, [])
+        watcher.clear()
+
+        # Two versions written as a run would write them; undo brings back the first boxes, limit and mask.
+        session = logic.session
+        older = evidence_edits.scene_evidence(slicer.mrmlScene, volumeNode, volume)
+        olderMask = (volume.array > 200).astype(np.uint8)
+        session.history.record(volume, older, olderMask)
+        logic.addBox(volumeNode, sliceIndex=8, box=box)
+        evidence_edits.set_extent_limit(volumeNode, None)
+        newer = evidence_edits.scene_evidence(slicer.mrmlScene, volumeNode, volume)
+        newerMask = np.zeros_like(olderMask)
+        newerMask[10:14] = olderMask[10:14]
+        segmentationNode, segmentId, _note = session.guard.write(slicer.mrmlScene, volumeNode, volume, newerMask, "MedVol-R1 target")
+        session.segmentation_node = segmentationNode
+        session.history.record(volume, newer, newerMask)
+        logic.undo(volumeNode)
+        self.assertEqual(evidence_edits.scene_evidence(slicer.mrmlScene, volumeNode, volume), older)
+        restored = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        self.assertEqual(int(restored.sum()), int(olderMask.sum()))
+        self.delayDisplay("Scene logic passed")
+
+    def test_evidence_segment_and_edit(self):
+        missing = [name for name in ("torch", "transformers", "sam2") if importlib.util.find_spec(name) is None]
+        if missing:
+            self.skipTest(f"needs {', '.join(missing)} (install them from the module once; tests never download)")
+
+        from MedVolR1Lib.anchor import parse_answer
         from MedVolR1Lib.fixtures.answering_qwen import answer_for_mask
-        from MedVolR1Lib.pipeline import target_name_from_query
         from MedVolR1Lib.views import ViewGeometry
 
         self.delayDisplay("Building the phantom, a tiny local VLM taught one answer, and a micro SAM2 (offline)")
@@ -516,6 +859,19 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         answer = answer_for_mask(volume, organ, num_views=self.NUM_VIEWS, image_size=self.IMAGE_SIZE, think="bright organ")
         expected = ViewGeometry.for_volume(volume, self.IMAGE_SIZE).anchor_from_answer(parse_answer(answer), volume.num_slices)
         workdir = tempfile.mkdtemp(prefix="medvolr1_selftest_")
+        try:  # not addCleanup: "Reload and Test" calls runTest directly, where cleanups never run
+            self._evidenceSegmentAndEdit(workdir, volumeNode, volume, answer, expected)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _evidenceSegmentAndEdit(self, workdir, volumeNode, volume, answer, expected):
+        import time
+
+        import numpy as np
+
+        from MedVolR1Lib.anchor import box_ras_bounds
+        from MedVolR1Lib.pipeline import target_name_from_query
+
         logic = MedVolR1Logic(self._pipelineFactory(workdir, volume, answer))
         settings = PanelSettings()
 

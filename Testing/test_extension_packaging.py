@@ -48,3 +48,34 @@ def test_icon_is_a_real_png():
         assert icon.size == (128, 128)
         pixels = np.asarray(icon.convert("RGB")).reshape(-1, 3)
         assert len(np.unique(pixels, axis=0)) >= 5  # a drawn icon, not a flat placeholder
+
+
+# Keys of Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json (additionalProperties: false).
+CATALOG_KEYS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies", "dicom_support_rule",
+                "build_subdirectory", "enabled", "tier"}
+
+
+def test_extensions_index_entry_matches_the_s4ext():
+    import json
+
+    entry = json.loads((REPO / "MedVolR1.json").read_text())
+    assert set(entry) <= CATALOG_KEYS and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    assert entry["build_dependencies"] == ["PyTorch"]
+    s4ext = dict(line.split(None, 1) for line in (REPO / "MedVolR1.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and len(line.split(None, 1)) == 2)
+    assert entry["scm_url"] == s4ext["scmurl"].removesuffix(".git") and entry["scm_revision"] == s4ext["scmrevision"]
+    assert entry["category"] == s4ext["category"] and entry["build_subdirectory"] == s4ext["build_subdirectory"]
+
+
+def test_license_description_and_cmake_minimum():
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text and len(license_text) > 10000
+    top = (REPO / "CMakeLists.txt").read_text()
+    # Slicer's current extension template (Utilities/Templates/Extensions/Default/CMakeLists.txt).
+    assert top.startswith("cmake_minimum_required(VERSION 3.20.6...3.22.6 FATAL_ERROR)")
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', top).group(1)
+    assert 1 <= description.count(". ") + 1 <= 2 and len(description) <= 300, description
+    for jargon in ("VLM", "vision-language", "LoRA", "propagat"):
+        assert jargon.lower() not in description.lower()
+    assert description in (REPO / "MedVolR1.s4ext").read_text()

@@ -1,5 +1,6 @@
-"""The panel's .ui file against the module code, with PySide6 offscreen (Slicer's own widgets fall back to
-their <extends> base class, so names and layout are checkable though they draw blank).
+"""The panel's .ui file against the module code, with PySide6 offscreen.  Slicer's own widgets are not in
+PySide6: plain stand-ins take their class names (a node selector draws as a combo box, a collapsible
+section as a titled box), so names, types and the layout are checkable and the screenshot shows the layout.
 
 Proves: the .ui loads; every `self.ui.<name>` MedVolR1.py uses exists, with a type that has the
 methods the code calls; every parameter-node binding names a real parameter; a screenshot of the panel.
@@ -18,6 +19,10 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 QtWidgets = pytest.importorskip("PySide6.QtWidgets")
 from PySide6.QtCore import QFile  # noqa: E402
 from PySide6.QtUiTools import QUiLoader  # noqa: E402
+
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedVolR1"))
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_PATH = ROOT / "MedVolR1" / "Resources" / "UI" / "MedVolR1.ui"
@@ -38,7 +43,31 @@ EXPECTED_TYPES = {  # widgets whose Qt type matters to the module code
     "modelLineEdit": QtWidgets.QLineEdit,
     "adapterLineEdit": QtWidgets.QLineEdit,
     "samCheckpointLineEdit": QtWidgets.QLineEdit,
+    "addBoxButton": QtWidgets.QPushButton,
+    "removeBoxButton": QtWidgets.QPushButton,
+    "undoButton": QtWidgets.QPushButton,
+    "limitTopButton": QtWidgets.QPushButton,
+    "limitBottomButton": QtWidgets.QPushButton,
+    "clearLimitButton": QtWidgets.QPushButton,
+    "evidenceListWidget": QtWidgets.QListWidget,
+    "evidenceModelHintLabel": QtWidgets.QLabel,
+    "extentLabel": QtWidgets.QLabel,
+    "serverLineEdit": QtWidgets.QLineEdit,
 }
+# Words a radiologist should not meet outside the Advanced section (issue 8: plain words in the main panel).
+JARGON = ("VLM", "LoRA", "propagat", "checkpoint", "CUDA")
+
+
+class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801 - the .ui's class name
+    """Stand-in for Slicer's node selector."""
+
+
+class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801
+    """Stand-in for CTK's collapsible section: a box titled with the section's text."""
+
+
+class qMRMLWidget(QtWidgets.QWidget):  # noqa: N801
+    """Stand-in for the panel's root widget."""
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +75,14 @@ def panel():
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     handle = QFile(str(UI_PATH))
     assert handle.open(QFile.ReadOnly)
-    widget = QUiLoader().load(handle)
+    loader = QUiLoader()
+    for stand_in in (qMRMLNodeComboBox, ctkCollapsibleButton, qMRMLWidget):
+        loader.registerCustomWidget(stand_in)
+    widget = loader.load(handle)
     handle.close()
     assert widget is not None, "QUiLoader could not load MedVolR1.ui"
+    for section in widget.findChildren(ctkCollapsibleButton):
+        section.setTitle(str(section.property("text")))
     yield widget
     widget.deleteLater()
     app.processEvents()
@@ -88,8 +122,32 @@ def test_parameter_bindings_name_real_parameters(panel):
     assert bound["inputVolume"] == "inputVolumeSelector" and bound["query"] == "queryLineEdit"
 
 
+def test_main_panel_speaks_plainly_and_says_research_use(panel):
+    advanced = panel.findChild(QtWidgets.QWidget, "advancedCollapsibleButton")
+    assert advanced is not None
+    texts = []
+    for widget in panel.findChildren(QtWidgets.QWidget):
+        if widget is advanced or advanced.isAncestorOf(widget):
+            continue
+        for prop in ("text", "toolTip", "placeholderText", "title"):
+            value = widget.property(prop)
+            if isinstance(value, str) and value:
+                texts.append((widget.objectName(), value))
+    offending = [(name, text) for name, text in texts if any(word.lower() in text.lower() for word in JARGON)]
+    assert not offending, offending
+    notice = panel.findChild(QtWidgets.QLabel, "researchNoticeLabel")
+    assert "research use only" in notice.text().lower()
+    from MedVolR1SlicerGlue.settings import NO_EVIDENCE_MODEL_HINT
+
+    # The disabled Find evidence says what to set, in words (no flag names, no jargon), in the main panel.
+    assert "NO_EVIDENCE_MODEL_HINT" in MODULE_PATH.read_text() and "--" not in NO_EVIDENCE_MODEL_HINT
+    assert not any(word.lower() in NO_EVIDENCE_MODEL_HINT.lower() for word in JARGON)
+    for name in ("inputVolumeSelector", "outputSegmentationSelector"):
+        assert isinstance(panel.findChild(QtWidgets.QWidget, name), qMRMLNodeComboBox), name
+
+
 def test_screenshot_of_the_panel(panel):
-    panel.resize(440, 700)
+    panel.resize(460, 980)
     combo = panel.findChild(QtWidgets.QComboBox, "propagatorComboBox")
     combo.addItems(["auto", "litemedsam", "medsam2"])
     panel.findChild(QtWidgets.QComboBox, "deviceComboBox").addItems(["auto", "cpu"])
@@ -98,6 +156,16 @@ def test_screenshot_of_the_panel(panel):
     panel.findChild(QtWidgets.QPlainTextEdit, "reasoningTextEdit").setPlainText(
         "(illustration) The left kidney is largest on slice 57, lateral to the spine; one box.")
     panel.findChild(QtWidgets.QProgressBar, "progressBar").setValue(40)
+    panel.findChild(QtWidgets.QComboBox, "inputVolumeSelector").addItem("(illustration) example CT")
+    panel.findChild(QtWidgets.QComboBox, "outputSegmentationSelector").addItem("Create new segmentation")
+    boxes = panel.findChild(QtWidgets.QListWidget, "evidenceListWidget")
+    boxes.addItems(["(illustration) Evidence 1: slice 57 (S -402.0 mm)", "(illustration) Evidence 2: slice 64 (S -381.0 mm)"])
+    panel.findChild(QtWidgets.QPushButton, "addBoxButton").setText("Add box on this slice")
+    panel.findChild(QtWidgets.QLabel, "extentLabel").setText("Extent: from slice 50 (S -423.0 mm) up to slice 70 (S -363.0 mm)")
+    panel.findChild(QtWidgets.QLabel, "statusLabel").setText("(illustration) Segment 'left kidney': 152.3 mL from key slice 57 (S -402.0 mm)")
+    from MedVolR1SlicerGlue.settings import NO_EVIDENCE_MODEL_HINT
+
+    panel.findChild(QtWidgets.QLabel, "evidenceModelHintLabel").setText(NO_EVIDENCE_MODEL_HINT)
     panel.show()
     QtWidgets.QApplication.processEvents()
     image = panel.grab().toImage()

@@ -14,10 +14,15 @@ import numpy as np
 
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_from_ras_bounds, box_ras_bounds
 from MedVolR1Lib.errors import AnchorError, VolumeError
+from MedVolR1Lib.evidence import Evidence
 from MedVolR1Lib.volume import Volume, volume_from_array
 
 EVIDENCE_ATTRIBUTE = "MedVolR1.Evidence"  # value: ID of the volume node the ROI belongs to
 EVIDENCE_INDEX_ATTRIBUTE = "MedVolR1.EvidenceIndex"
+EVIDENCE_ANCHOR_ATTRIBUTE = "MedVolR1.EvidenceAnchor"  # 1-based anchor (slice group) the box belongs to
+# ROI -> volume as a node reference: Slicer rewrites references when a saved scene is loaded into another
+# scene and node IDs change; an ID stored in an attribute would then point at the wrong volume (or none).
+VOLUME_REFERENCE_ROLE = "MedVolR1.Volume"
 EVIDENCE_NAME = "Evidence {n}"
 _DECIMALS = 6  # rounding of voxel coordinates read back from ROIs: kills float noise, keeps sub-voxel edits
 
@@ -125,6 +130,17 @@ def box_from_roi(volume: Volume, roi_node) -> tuple[VoxelBox, int]:
     return rounded, k
 
 
+def volume_of_roi(scene, roi_node):
+    """The volume node an evidence ROI belongs to (node reference; the ID attribute of older scenes as fallback)."""
+    if roi_node is None:
+        return None
+    volume_node = roi_node.GetNodeReference(VOLUME_REFERENCE_ROLE)
+    if volume_node is None:
+        volume_id = roi_node.GetAttribute(EVIDENCE_ATTRIBUTE)
+        volume_node = scene.GetNodeByID(volume_id) if volume_id else None
+    return volume_node
+
+
 def evidence_rois(scene, volume_node) -> list:
     """The evidence ROIs of this volume, in their index order ("Evidence 1", "Evidence 2", ...)."""
     if scene is None or volume_node is None:
@@ -133,21 +149,39 @@ def evidence_rois(scene, volume_node) -> list:
     nodes = scene.GetNodesByClass("vtkMRMLMarkupsROINode")
     for n in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(n)
-        if node.GetAttribute(EVIDENCE_ATTRIBUTE) == volume_node.GetID():
+        if node.GetAttribute(EVIDENCE_ATTRIBUTE) is not None and volume_of_roi(scene, node) is volume_node:
             found.append(node)
     return sorted(found, key=lambda node: int(node.GetAttribute(EVIDENCE_INDEX_ATTRIBUTE) or 0))
 
 
-def place_evidence_rois(scene, volume_node, volume: Volume, anchor: EvidenceAnchor, existing: Sequence = ()) -> list:
-    """Create or update one ROI per box ("Evidence n"), one slice thick, on the anchor's key slice.
+def anchor_number(roi_node) -> int:
+    """The 1-based anchor (slice group) of an evidence ROI; ROIs from before anchors existed are anchor 1."""
+    return int(roi_node.GetAttribute(EVIDENCE_ANCHOR_ATTRIBUTE) or 1)
 
-    Existing ROIs are reused (their observers survive) and surplus ones removed.  Setting geometry
-    from code fires only ModifiedEvent, never PointEndInteractionEvent, so no edit loop can start.
+
+def tag_evidence_roi(roi, volume_node, index: int, anchor: int) -> None:
+    """Name an ROI "Evidence <index>" and link it to its volume and anchor (no geometry change)."""
+    roi.SetName(EVIDENCE_NAME.format(n=index))
+    roi.SetAttribute(EVIDENCE_ATTRIBUTE, volume_node.GetID())
+    roi.SetAttribute(EVIDENCE_INDEX_ATTRIBUTE, str(index))
+    roi.SetAttribute(EVIDENCE_ANCHOR_ATTRIBUTE, str(anchor))
+    roi.SetNodeReferenceID(VOLUME_REFERENCE_ROLE, volume_node.GetID())
+
+
+def place_evidence_rois(scene, volume_node, volume: Volume, evidence: "Evidence | EvidenceAnchor", existing: Sequence = ()) -> list:
+    """Create or update one ROI per box ("Evidence n"), one slice thick, on its anchor's slice.
+
+    Takes one anchor (the VLM's) or whole evidence (every anchor the user added).  Existing ROIs are
+    reused (their observers survive) and surplus ones removed.  Setting geometry from code fires only
+    ModifiedEvent, never PointEndInteractionEvent, so no edit loop can start.
     """
-    anchor.validate(volume.shape)
+    evidence = Evidence.coerce(evidence)
+    for anchor in evidence.anchors:
+        anchor.validate(volume.shape)
     existing = list(existing)
     rois = []
-    for n, box in enumerate(anchor.boxes, start=1):
+    boxes = [(number, anchor, box) for number, anchor in enumerate(evidence.anchors, start=1) for box in anchor.boxes]
+    for n, (number, anchor, box) in enumerate(boxes, start=1):
         geometry = roi_geometry(volume, int(anchor.slice_index), box)
         if existing:
             roi = existing.pop(0)
@@ -155,9 +189,7 @@ def place_evidence_rois(scene, volume_node, volume: Volume, anchor: EvidenceAnch
             roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", EVIDENCE_NAME.format(n=n))
             roi.CreateDefaultDisplayNodes()
         was_modifying = roi.StartModify()
-        roi.SetName(EVIDENCE_NAME.format(n=n))
-        roi.SetAttribute(EVIDENCE_ATTRIBUTE, volume_node.GetID())
-        roi.SetAttribute(EVIDENCE_INDEX_ATTRIBUTE, str(n))
+        tag_evidence_roi(roi, volume_node, n, number)
         roi.SetCenter(*geometry.center)
         roi.SetSize(*geometry.size)
         roi.EndModify(was_modifying)
@@ -192,6 +224,39 @@ def key_point_ras(volume: Volume, anchor: EvidenceAnchor) -> tuple[float, float,
 def jump_slice_node(slice_node, ras: Sequence[float]) -> None:
     """Move a slice view (e.g. Red) so it shows the plane through `ras`, keeping its orientation."""
     slice_node.JumpSliceByOffsetting(float(ras[0]), float(ras[1]), float(ras[2]))
+
+
+def slice_index_of_view(slice_node, volume: Volume) -> int:
+    """Canonical axial slice shown at the centre of a slice view (e.g. Red), clipped into the volume."""
+    slice_to_ras = matrix_to_numpy(slice_node.GetSliceToRAS())
+    k = float(volume.ijk_from_ras(slice_to_ras[:3, 3])[2])
+    return int(np.clip(round(k), 0, volume.num_slices - 1))
+
+
+def view_center_ras(slice_node) -> np.ndarray:
+    return matrix_to_numpy(slice_node.GetSliceToRAS())[:3, 3].copy()
+
+
+@dataclass(frozen=True)
+class SliceLabel:
+    """A canonical slice as Slicer shows it: the volume's own K index (Data Probe's "(I, J, K)", 0-based,
+    in the file's voxel order) and the axial offset in mm (the slice view slider's "S" value)."""
+
+    source_index: int
+    offset_mm: float
+    axis: str = "S"
+
+    def __str__(self) -> str:
+        return f"slice {self.source_index} ({self.axis} {self.offset_mm:.1f} mm)"
+
+
+def slice_label(volume_node, volume: Volume, slice_index: int) -> SliceLabel:
+    """How Slicer would name canonical slice `slice_index` of `volume_node`."""
+    ras = volume.ras_from_ijk([(volume.shape[2] - 1) / 2.0, (volume.shape[1] - 1) / 2.0, float(slice_index)])
+    ijk_source = np.linalg.inv(ijk_to_ras_of(volume_node)) @ np.append(ras, 1.0)
+    # The source axis that runs along superior-inferior is the one this axial slice index lives on.
+    axis = int(np.argmax(np.abs(ijk_to_ras_of(volume_node)[2, :3])))
+    return SliceLabel(int(round(float(ijk_source[axis]))), float(ras[2]))
 
 
 # ------------------------------------------------------------------------------------------ mask -> segmentation

@@ -16,8 +16,10 @@ from MedVolR1Lib.evidence import Evidence
 from MedVolR1Lib.service import protocol as proto
 from MedVolR1Lib.volume import Volume
 
+from . import evidence_edits
 from . import mrml_mapping as mm
 from .jobs import Job, JobState, ModelRunner
+from .segment_guard import SegmentGuard
 from .settings import PanelSettings, check_settings
 
 
@@ -89,6 +91,9 @@ class EvidenceSession:
         self.segmentation_node: Any = None
         self.anchor: Optional[EvidenceAnchor] = None
         self.reprop_requests = 0
+        # Edits never lost: each result is a version (undo), and only overwrites a segment nobody changed.
+        self.history = evidence_edits.VolumeHistory()
+        self.guard = SegmentGuard()
 
     # ------------------------------------------------------------------------------------------- GUI-thread API
     @property
@@ -114,7 +119,7 @@ class EvidenceSession:
         rois = mm.evidence_rois(self.scene, volume_node)
         volume, query = self._prepare(volume_node, query, settings, need_query=not rois)
         if rois:
-            evidence = Evidence.single(mm.anchor_from_rois(volume, rois))
+            evidence = evidence_edits.evidence_from_rois(volume, rois, z_range=evidence_edits.extent_limit(volume_node))
             request = proto.Propagate(volume.fingerprint, evidence.to_dict(), query, self._config(settings))
         else:
             request = proto.Segment(volume.fingerprint, query, self._config(settings))
@@ -126,8 +131,7 @@ class EvidenceSession:
         During a run the edit is queued and runs when it ends (a running re-propagation is not cancelled:
         that would stop the worker and drop the cached features the next one needs)."""
         settings = settings or self.settings
-        volume_id = roi.GetAttribute(mm.EVIDENCE_ATTRIBUTE)
-        volume_node = self.scene.GetNodeByID(volume_id) if volume_id else None
+        volume_node = mm.volume_of_roi(self.scene, roi)
         if volume_node is None:
             return None
         if self._run is not None:
@@ -135,14 +139,14 @@ class EvidenceSession:
             return None
         volume = mm.volume_from_node(volume_node)
         rois = mm.evidence_rois(self.scene, volume_node)
-        anchor = mm.anchor_from_rois(volume, rois, key_roi=roi)
-        self.anchor = anchor
+        evidence = evidence_edits.evidence_from_rois(volume, rois, key_roi=roi, z_range=evidence_edits.extent_limit(volume_node))
+        self.anchor = evidence.primary
         result = self.result if self.result is not None and self.result.volume.fingerprint == volume.fingerprint else None
         if result is None:
             return None
         self.reprop_requests += 1
         query = result.query or ""
-        request = proto.Propagate(volume.fingerprint, Evidence.single(anchor).to_dict(), query, self._config(settings))
+        request = proto.Propagate(volume.fingerprint, evidence.to_dict(), query, self._config(settings))
         return self._start("repropagation", volume_node, volume, query, request, previous=result)
 
     def poll(self) -> Optional[Outcome]:
@@ -224,27 +228,32 @@ class EvidenceSession:
             rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))
             self.grounding, self.anchor = grounding, anchor
             return Outcome(
-                "evidence", "ok", f"Key slice {anchor.slice_index}, {len(anchor.boxes)} box(es)",
+                "evidence", "ok", f"Key {mm.slice_label(volume_node, volume, anchor.slice_index)}, {len(anchor.boxes)} box(es)",
                 reasoning=getattr(grounding, "reasoning", "") or "", raw_text=getattr(grounding, "raw_text", "") or "",
                 anchor=anchor, rois=rois, key_ras=mm.key_point_ras(volume, anchor),
             )
         result = proto.segmentation_result(result, volume)
         if run.previous is not None:  # a re-propagation keeps the VLM's reasoning and the segment's name
             result.grounding, result.target_name = run.previous.grounding, run.previous.target_name
-        anchor = result.anchor.clipped(volume.shape)
-        # Programmatic update (ModifiedEvent only): snaps every box onto the key slice the run used.
-        rois = mm.place_evidence_rois(self.scene, volume_node, volume, anchor, mm.evidence_rois(self.scene, volume_node))
+        evidence = result.evidence.clipped(volume.shape)
+        anchor = evidence.primary
+        # Programmatic update (ModifiedEvent only): snaps every box onto the slice of its anchor the run used.
+        rois = mm.place_evidence_rois(self.scene, volume_node, volume, evidence, mm.evidence_rois(self.scene, volume_node))
         name = (getattr(result, "target_name", "") or run.query or "MedVol-R1 target").strip()
         segmentation_node = self.segmentation_node if self.segmentation_node is not None and self.scene.IsNodePresent(self.segmentation_node) else None
-        segmentation_node, segment_id = mm.write_mask_segment(self.scene, volume_node, volume, result.mask, name, segmentation_node)
+        segmentation_node, segment_id, kept_note = self.guard.write(self.scene, volume_node, volume, result.mask, name, segmentation_node)
+        self.history.record(volume, evidence, result.mask)
         self.segmentation_node, self.result, self.anchor = segmentation_node, result, anchor
         grounding = getattr(result, "grounding", None)
         if grounding is not None:
             self.grounding = grounding
         voxels = int((result.mask > 0).sum())
-        message = f"Segment '{name}': {voxels} voxels from key slice {anchor.slice_index}"
+        segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        message = f"Segment '{segment_name}': {result.volume_ml:.1f} mL from key {mm.slice_label(volume_node, volume, anchor.slice_index)}"
         if voxels == 0:
             message += " (empty: move or enlarge the evidence box and it re-propagates)"
+        if kept_note:
+            message += f". {kept_note}"
         return Outcome(
             "segmentation", "ok", message,
             reasoning=getattr(grounding, "reasoning", "") if grounding is not None else "",

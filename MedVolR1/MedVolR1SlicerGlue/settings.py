@@ -10,6 +10,8 @@ from typing import Optional
 
 from MedVolR1Lib.errors import CheckpointError, DeviceError
 
+from .model_source import looks_like_path
+
 PROPAGATOR_CHOICES = ("auto", "litemedsam", "medsam2")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
@@ -39,9 +41,14 @@ class PanelSettings:
         )
 
 
-def _looks_like_path(text: str) -> bool:
-    """A Hugging Face id is 'org/name'; anything else with a separator, '~' or a drive letter is a folder."""
-    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or (len(text) > 1 and text[1] == ":")
+def has_evidence_model(settings: PanelSettings) -> bool:
+    return bool(settings.model.strip())
+
+
+NO_EVIDENCE_MODEL_HINT = (
+    "Finding evidence needs a trained evidence model: open Advanced and set 'Evidence model' to its "
+    "Hugging Face name or folder. Without one, draw an evidence box on the key slice and press Segment."
+)
 
 
 @dataclass(frozen=True)
@@ -50,8 +57,14 @@ class DeviceInfo:
     summary: str
 
 
+NOT_CHECKED = DeviceInfo(DEVICE_CHOICES, "checked when a run starts")
+
+
 def detect_devices() -> DeviceInfo:
-    """Devices usable here, and a one-line summary for the panel ("CUDA: NVIDIA ..." or "CPU only")."""
+    """Devices usable here, and a one-line summary for the panel ("CUDA: NVIDIA ..." or "CPU only").
+
+    Imports torch and touches CUDA: never call it while the panel opens (slow, and a CUDA context in
+    Slicer's process), only when the user asks or a run needs it."""
     if importlib.util.find_spec("torch") is None:
         return DeviceInfo(("auto", "cpu"), "PyTorch not installed yet (installed on first run)")
     import torch
@@ -74,8 +87,8 @@ def check_settings(settings: PanelSettings, *, cuda_available: Optional[bool] = 
         raise ValueError(f"unknown propagator {settings.propagator!r}; choose one of {PROPAGATOR_CHOICES}")
     if settings.device not in DEVICE_CHOICES:
         raise ValueError(f"unknown device {settings.device!r}; choose one of {DEVICE_CHOICES}")
-    if cuda_available is None:
-        cuda_available = "cuda" in detect_devices().choices
+    if settings.device == "cuda" and cuda_available is None:
+        cuda_available = "cuda" in detect_devices().choices  # only then: other choices never touch CUDA here
     if settings.device == "cuda" and not cuda_available:
         raise DeviceError(
             "CUDA was selected but no CUDA GPU is usable here (no NVIDIA GPU, or PyTorch is a CPU build); "
@@ -93,5 +106,5 @@ def check_settings(settings: PanelSettings, *, cuda_available: Optional[bool] = 
     if adapter and not Path(adapter).expanduser().is_dir():
         raise CheckpointError(f"LoRA adapter folder not found: {adapter}")
     model = settings.model.strip()
-    if model and _looks_like_path(model) and not Path(model).expanduser().is_dir():
+    if model and looks_like_path(model) and not Path(model).expanduser().is_dir():
         raise CheckpointError(f"VLM folder not found: {model}")
