@@ -25,7 +25,7 @@ from MedVolR1Lib.hashing import file_sha256
 from MedVolR1Lib.pipeline import SegmentationResult, target_name_from_query
 from MedVolR1Lib.segment_codes import term_for_target
 from MedVolR1Lib.targets import profile_labels
-from MedVolR1Lib.volume import load_label_map, load_volume
+from MedVolR1Lib.readers import load_label_map, load_volume
 
 Z0, Z1 = 60, 84  # the right kidney (label 2) spans slices 66-101: some crop slices hold no kidney
 KIDNEY_RIGHT = 2

@@ -186,7 +186,7 @@ def test_refusals_are_clean_and_the_server_keeps_answering(server, crop_path, tm
     import httpx
 
     from MedVolR1Lib.service.remote import RemoteClient
-    from MedVolR1Lib.volume import load_volume
+    from MedVolR1Lib.readers import load_volume
 
     url, run = server["url"], server["url"] + "/v1/run"
     # Wrong or missing token: 401, and one clear line on the client.

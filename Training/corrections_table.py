@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
     from MedVolR1Lib.propagation.simulated_user import correction_curves
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.volume import atomic_write, load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
+    from MedVolR1Lib.volume import atomic_write
 
     torch.set_num_threads(args.threads)
     sample = fetch_sample()

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
     from MedVolR1Lib.propagation.oracle import oracle_rows
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.volume import Volume, atomic_write, load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
+    from MedVolR1Lib.volume import Volume, atomic_write
     from MedVolR1Lib.windowing import CT_PRESETS, Window, percentile_window
 
     torch.set_num_threads(1)
