@@ -251,7 +251,7 @@ class EvidenceSession:
         segment_name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
         message = f"Segment '{segment_name}': {result.volume_ml:.1f} mL from key {mm.slice_label(volume_node, volume, anchor.slice_index)}"
         if voxels == 0:
-            message += " (empty: move or enlarge the evidence box and it re-propagates)"
+            message += " (empty: move or enlarge the evidence box and the segment is redone)"
         if kept_note:
             message += f". {kept_note}"
         return Outcome(
