@@ -178,13 +178,11 @@ def compare_options(args) -> int:
 
     import torch
 
-    from MedVolR1Lib.anchor import EvidenceAnchor
     from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint, save_random_sam2_checkpoint
-    from MedVolR1Lib.metrics import array_spacing, score_masks
     from MedVolR1Lib.propagation.medsam2 import MedSAM2Propagator
-    from MedVolR1Lib.propagation.oracle import ONE_BOX_TARGETS_PREFIX
+    from MedVolR1Lib.propagation.oracle import oracle_rows
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.targets import profile_labels, propagation_settings
+    from MedVolR1Lib.targets import propagation_settings
     from MedVolR1Lib.volume import load_label_map, load_volume
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -194,9 +192,7 @@ def compare_options(args) -> int:
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)
     labels = load_label_map(sample.labels_path, volume)
-    ids = {name: value for value, name in sample.label_names.items()}
     targets = [t for t in (args.targets.split(",") if args.targets else COMPARE_TARGETS) if t]
-    spacing = array_spacing(volume)
     tmp = tempfile.TemporaryDirectory()
     overrides: list[str] = []
     if args.checkpoint:
@@ -216,19 +212,12 @@ def compare_options(args) -> int:
             if kwargs.get("largest_component") == "per_target":
                 kwargs["largest_component"] = settings.largest_component
             prop = _compare_propagator(MedSAM2Propagator, ckpt, overrides, args, settings.window, kwargs)
-            prop.prepare(volume)
-            profile = profile_labels(labels, [[ids[name]]], name,
-                                     box_per_part=True if name.startswith(ONE_BOX_TARGETS_PREFIX) else None)
-            anchor = EvidenceAnchor(profile.key_slice, tuple(profile.boxes(profile.key_slice)))
-            t0 = time.perf_counter()
-            mask = prop.propagate(anchor) > 0
-            seconds = time.perf_counter() - t0
-            scores = score_masks(mask, profile.mask, spacing, 2.0)
+            (row,) = oracle_rows(prop, volume, labels, sample.label_names, [name])
             decoded = sum(len(v) for v in prop.last_trace.visited.values())
-            rows.append({"variant": variant, "target": name, "window": settings.window, "dice": float(scores.dice),
-                         "nsd": float(scores.nsd), "slices_decoded": decoded, "seconds": seconds})
-            print(f"{variant:30s} {name:20s} {settings.window:8s} Dice {scores.dice:.3f} NSD {scores.nsd:.3f} "
-                  f"decoded {decoded:4d} {seconds:7.2f} s", flush=True)
+            rows.append({"variant": variant, "target": name, "window": settings.window, "dice": row.dice,
+                         "nsd": row.nsd, "slices_decoded": decoded, "seconds": row.seconds})
+            print(f"{variant:30s} {name:20s} {settings.window:8s} Dice {row.dice:.3f} NSD {row.nsd:.3f} "
+                  f"decoded {decoded:4d} {row.seconds:7.2f} s", flush=True)
     print("\nmean per variant (Dice, NSD, slices decoded, seconds):")
     for variant in VARIANTS:
         sel = [r for r in rows if r["variant"] == variant]
