@@ -9,6 +9,15 @@ GPU:  python bench/gpu_bench_medsam2.py                       (512x512x200 synth
 CPU:  python bench/gpu_bench_medsam2.py --device cpu --slices 8   (smoke check, ~1 min on 2 cores)
 Prints: prepare time, time per slice of propagation, re-propagation / first ratio, the user-facing speed-up
 (prepare + first propagation) / re-propagation (the issue's 5x target), encoder passes, peak memory.
+
+--compare-options (docs/medsam2_review.md): GT anchors for the sample CT's 14 targets, each with its own window,
+under each input option that departs from or returns to MedSAM2's official script: stop after 2 absent slices
+vs track every slice, transposed (training layout) vs radiological frames, hole filling on/off, largest
+component per target vs never. Prints Dice, NSD, slices decoded and seconds per target and variant. Dice
+means something only with real weights: pass --checkpoint MedSAM2_latest.pt (not reachable from this project's
+machines); without it the real-size random model (or --micro on CPU) measures costs only.
+  python bench/gpu_bench_medsam2.py --compare-options --checkpoint MedSAM2_latest.pt
+  python bench/gpu_bench_medsam2.py --compare-options --device cpu --micro     (wiring/cost smoke, ~3 min)
 """
 
 from __future__ import annotations
@@ -56,7 +65,13 @@ def main(argv=None) -> int:
     parser.add_argument("--encode-batch", type=int, default=8)
     parser.add_argument("--window", type=int, default=16, help="half-width of the slice_range run (coherence reward)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--compare-options", action="store_true", help="the input-option table on the sample CT")
+    parser.add_argument("--checkpoint", help="real MedSAM2_latest.pt for --compare-options (else random weights)")
+    parser.add_argument("--micro", action="store_true", help="--compare-options with the micro SAM2 (CPU smoke)")
+    parser.add_argument("--targets", help="comma-separated sample CT labels for --compare-options (default: 14)")
     args = parser.parse_args(argv)
+    if args.compare_options:
+        return compare_options(args)
 
     import torch
 
@@ -143,6 +158,87 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+COMPARE_TARGETS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder",
+                   "urinary_bladder", "aorta", "vertebrae_L3", "inferior_vena_cava", "duodenum", "vertebrae_L1", "sacrum")
+# name -> MedSAM2Propagator options; "as_run" is this project's default, each other row changes one thing
+VARIANTS: dict[str, dict] = {
+    "as_run": {},
+    "track_every_slice": {"stop_after_absent": None},
+    "radiological_frames": {"frame_orientation": "radiological"},
+    "no_hole_filling": {"fill_hole_area": 0},
+    "largest_component_per_target": {"largest_component": "per_target"},
+}
+
+
+def compare_options(args) -> int:
+    """GT-anchor table per input option (see the module docstring); one propagator per variant."""
+    import tempfile
+
+    import torch
+
+    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint, save_random_sam2_checkpoint
+    from MedVolR1Lib.propagation.medsam2 import MedSAM2Propagator
+    from MedVolR1Lib.propagation.oracle import oracle_rows
+    from MedVolR1Lib.sample_data import fetch_sample
+    from MedVolR1Lib.targets import propagation_settings
+    from MedVolR1Lib.volume import load_label_map, load_volume
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_bench_medsam2: CUDA is not available; use --device cpu --micro for a smoke run", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message=".*cannot import name '_C'.*")
+    sample = fetch_sample()
+    volume = load_volume(sample.ct_path)
+    labels = load_label_map(sample.labels_path, volume)
+    targets = [t for t in (args.targets.split(",") if args.targets else COMPARE_TARGETS) if t]
+    tmp = tempfile.TemporaryDirectory()
+    overrides: list[str] = []
+    if args.checkpoint:
+        ckpt, weights = Path(args.checkpoint), f"real: {args.checkpoint}"
+    elif args.micro:
+        ckpt, weights = Path(tmp.name) / "micro.pt", "RANDOM micro SAM2 (wiring and relative cost only; Dice meaningless)"
+        overrides = build_micro_sam2_checkpoint(ckpt, image_size=128)
+    else:
+        ckpt, weights = Path(tmp.name) / "random.pt", "RANDOM real-size SAM2.1-tiny t512 (cost only; Dice meaningless)"
+        save_random_sam2_checkpoint(ckpt, [], seed=0)
+    print(f"weights: {weights}\nvolume: {volume.shape} {volume.name}\ntargets: {len(targets)}")
+    rows = []
+    for variant, options in VARIANTS.items():
+        for name in targets:
+            settings = propagation_settings(name)
+            kwargs = dict(options)
+            if kwargs.get("largest_component") == "per_target":
+                kwargs["largest_component"] = settings.largest_component
+            prop = _compare_propagator(MedSAM2Propagator, ckpt, overrides, args, settings.window, kwargs)
+            (row,) = oracle_rows(prop, volume, labels, sample.label_names, [name])
+            decoded = sum(len(v) for v in prop.last_trace.visited.values())
+            rows.append({"variant": variant, "target": name, "window": settings.window, "dice": row.dice,
+                         "nsd": row.nsd, "slices_decoded": decoded, "seconds": row.seconds})
+            print(f"{variant:30s} {name:20s} {settings.window:8s} Dice {row.dice:.3f} NSD {row.nsd:.3f} "
+                  f"decoded {decoded:4d} {row.seconds:7.2f} s", flush=True)
+    print("\nmean per variant (Dice, NSD, slices decoded, seconds):")
+    for variant in VARIANTS:
+        sel = [r for r in rows if r["variant"] == variant]
+        print(f"{variant:30s} {np.mean([r['dice'] for r in sel]):.3f} {np.mean([r['nsd'] for r in sel]):.3f} "
+              f"{np.mean([r['slices_decoded'] for r in sel]):7.1f} {np.mean([r['seconds'] for r in sel]):7.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"weights": weights, "rows": rows}, indent=1))
+    tmp.cleanup()
+    return 0
+
+
+_PROPAGATORS: dict = {}
+
+
+def _compare_propagator(cls, ckpt, overrides, args, window, kwargs):
+    """One loaded model per variant and window (features are cached per volume and window inside it)."""
+    key = (window, tuple(sorted(kwargs.items())))
+    if key not in _PROPAGATORS:
+        _PROPAGATORS[key] = cls(ckpt, device=args.device, hydra_overrides=overrides, window=window,
+                                encode_batch=args.encode_batch, **kwargs)
+    return _PROPAGATORS[key]
 
 
 if __name__ == "__main__":

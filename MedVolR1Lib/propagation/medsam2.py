@@ -318,7 +318,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 class MedSAM2Propagator(Propagator):
-    """Evidence anchor -> 3D mask with MedSAM2 (SAM2.1 hiera-tiny video predictor at 512 px)."""
+    """Evidence (anchors, points, extent limits) -> 3D mask with MedSAM2 (SAM2.1 hiera-tiny video predictor, 512 px)."""
 
     name = "medsam2"
 
