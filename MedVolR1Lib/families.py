@@ -84,8 +84,11 @@ def resolve_coordinates(family: ModelFamily, requested: str = "auto") -> str:
     return requested
 
 
-def check_adapter_convention(adapter_info: dict, family: ModelFamily, coordinates: str, where: str) -> None:
-    """Refuse an adapter trained for another family or another coordinate convention (CheckpointError)."""
+def check_adapter_convention(adapter_info: dict, family: ModelFamily, coordinates: str, where: str, schema: Optional[str] = None) -> None:
+    """Refuse an adapter trained for another family, coordinate convention or answer schema (CheckpointError).
+
+    `adapter_info` is the adapter's training manifest; fields it lacks are not checked.
+    """
     trained_family = adapter_info.get("family")
     if trained_family and trained_family != family.name:
         raise CheckpointError(f"{where}: adapter was trained on {trained_family}, but the base model is {family.name}")
@@ -94,4 +97,10 @@ def check_adapter_convention(adapter_info: dict, family: ModelFamily, coordinate
         raise CheckpointError(
             f"{where}: adapter was trained with {trained} box coordinates, but this run uses {coordinates}; "
             f"set coordinates: {trained} (or retrain) so boxes are never read in the wrong convention"
+        )
+    trained_schema = adapter_info.get("answer_schema")
+    if schema and trained_schema and trained_schema != schema:
+        raise CheckpointError(
+            f"{where}: adapter was trained to answer in the {trained_schema} schema, but this run uses {schema}; "
+            f"set answer_schema: {trained_schema}"
         )

@@ -516,9 +516,7 @@ def _answer_format_for(model_ref: str, adapter_path: Optional[Path], coordinates
             continue
         if coordinates in (None, "", "auto"):
             requested = info["coordinates"]
-        check_adapter_convention(info, family, requested, f"{what} {folder}")
-        if schema and info.get("answer_schema") and info["answer_schema"] != schema:
-            raise CheckpointError(f"{what} {folder} was trained to answer in the {info['answer_schema']} schema, not {schema}")
+        check_adapter_convention(info, family, requested, f"{what} {folder}", schema)
         schema = schema or info.get("answer_schema")
         break
     return AnswerFormat(schema or "medvolr1", requested)

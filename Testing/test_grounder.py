@@ -298,3 +298,18 @@ def test_answer_on_a_slice_not_shown_is_rejected(trained_grounder, volume):
     assert not result.ok and result.anchor is None
     assert result.failure == "invalid_answer"
     assert "slice 13 was not among the slices shown" in result.candidates[0].detail
+
+
+def test_lenient_mode_reads_native_grounding_json_only_when_asked(volume, tmp_path_factory):
+    """A model that answers like an off-the-shelf Instruct (native bbox_2d JSON, no tags): strict parsing refuses
+    it; the inference-only lenient mode turns it into the same voxel anchor as the tagged answer."""
+    native = f'Slice {KEY_SLICE}: [{{"bbox_2d": {list(PIXEL_BOX)}, "label": "liver"}}]'
+    folder = build_answering_tiny_qwen(tmp_path_factory.mktemp("native") / "model", volume=volume, query=QUERY,
+                                       answer_text=native, slices=SHOWN, image_size=IMAGE_SIZE)
+    grounder = Grounder.from_pretrained(str(folder), device="cpu", settings=GenerationSettings(max_new_tokens=64, retries=0))
+    strict = grounder.ground(volume, QUERY, slices=SHOWN, image_size=IMAGE_SIZE, raise_on_failure=False)
+    assert strict.raw_text == native and not strict.ok and strict.failure == "missing_answer_tags"
+    lenient = grounder.ground(volume, QUERY, slices=SHOWN, image_size=IMAGE_SIZE,
+                              settings=GenerationSettings(max_new_tokens=64, retries=0, lenient=True))
+    assert lenient.anchor.slice_index == KEY_SLICE and lenient.answer.schema == "native"
+    np.testing.assert_allclose(lenient.anchor.boxes[0].as_list(), expected_voxel_box().as_list(), atol=1e-9)

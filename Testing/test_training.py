@@ -30,20 +30,76 @@ def _script(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, tiny_qwen_dir):
-    """The CI smoke chain, exactly as the README runs it, with paths moved under a temp folder."""
-    root = tmp_path_factory.mktemp("smoke")
-    data, sft, grpo, report = root / "data", root / "sft", root / "grpo", root / "eval"
-    model = ["--model_name_or_path", str(tiny_qwen_dir)]
-    summary = _script("prepare_data").main(["--config", str(SMOKE), "--out_dir", str(data)])
-    _script("sft").main(["--config", str(SMOKE), "--data_dir", str(data), "--output_dir", str(sft), *model])
-    _script("grpo").main(["--config", str(SMOKE), "--data_dir", str(data), "--output_dir", str(grpo), "--adapter_path", str(sft), *model])
+def _run_chain(root: Path, model_dir: Path, *, sft_args=(), grpo_args=(), eval_args=(), checkpoints=None, data=None) -> dict:
+    """prepare -> SFT -> GRPO -> evaluate exactly as the README runs them, paths moved under `root`."""
+    sft, grpo, report = root / "sft", root / "grpo", root / "eval"
+    model = ["--model_name_or_path", str(model_dir)]
+    summary = None
+    if data is None:
+        data = root / "data"
+        summary = _script("prepare_data").main(["--config", str(SMOKE), "--out_dir", str(data)])
+    _script("sft").main(["--config", str(SMOKE), "--data_dir", str(data), "--output_dir", str(sft), *model, *sft_args])
+    _script("grpo").main(["--config", str(SMOKE), "--data_dir", str(data), "--output_dir", str(grpo), "--adapter_path", str(sft), *model, *grpo_args])
     result = _script("evaluate").main([
         "--config", str(SMOKE), "--eval_data_dir", str(data), "--report_dir", str(report),
-        "--checkpoints", f"base={tiny_qwen_dir},sft={sft},grpo={grpo}",
+        "--checkpoints", checkpoints or f"base={model_dir},sft={sft},grpo={grpo}", *eval_args,
     ])
-    return {"data": data, "sft": sft, "grpo": grpo, "report": report, "prepare": summary, "eval": result, "model": tiny_qwen_dir}
+    return {"data": data, "sft": sft, "grpo": grpo, "report": report, "prepare": summary, "eval": result, "model": model_dir}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_qwen_dir):
+    """The CI smoke chain with the tiny Qwen2.5-VL (pixel coordinates, our schema)."""
+    return _run_chain(tmp_path_factory.mktemp("smoke"), tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def chain_qwen3(tmp_path_factory, tiny_qwen3_dir, chain):
+    """The same chain with the tiny Qwen3-VL in the paper's schema (0-1000 from the family), shortened:
+    it reuses the prepared data and evaluates only the GRPO checkpoint on one record."""
+    paper = ["--answer_schema", "paper"]
+    root = tmp_path_factory.mktemp("smoke_qwen3")
+    return _run_chain(
+        root, tiny_qwen3_dir, data=chain["data"], sft_args=[*paper, "--max_steps", "3"], grpo_args=[*paper, "--max_steps", "1"],
+        eval_args=["--max_records", "1", "--blank_control", "false"], checkpoints=f"grpo={root / 'grpo'}",
+    )
+
+
+def test_qwen3_chain_trains_in_the_paper_schema_and_records_the_convention(chain_qwen3):
+    from MedVolR1Lib.training.checkpoints import read_manifest
+    from MedVolR1Lib.training.data import sft_dataset
+    from MedVolR1Lib.training.records import read_records
+    from MedVolR1Lib.training.store import VolumeStore
+    from MedVolR1Lib.anchor import AnswerFormat, parse_model_answer
+
+    for stage in ("sft", "grpo"):
+        manifest = read_manifest(chain_qwen3[stage])
+        assert (manifest["family"], manifest["coordinates"], manifest["answer_schema"]) == ("qwen3-vl", "norm1000", "paper")
+    state = json.loads((chain_qwen3["grpo"] / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and any("rewards/format_reward/mean" in e for e in state["log_history"])
+    # SFT targets are written in the configured schema and coordinates, and parse back to the GT pixel boxes
+    records = read_records(chain_qwen3["data"] / "train.jsonl")[:2]
+    fmt = AnswerFormat("paper", "norm1000")
+    row = sft_dataset(records, VolumeStore.from_dir(chain_qwen3["data"]), think="template", answer_format=fmt)[0]
+    target = row["completion"][0]["content"][0]["text"]
+    assert '"bbox_2d_list"' in target and "0-1000" in row["prompt"][-1]["content"][-1]["text"]
+    parsed = parse_model_answer(target, fmt, records[0].image_size)
+    assert parsed.slice_index == records[0].gt_slice
+    unit = records[0].image_size / 1000  # one 0-1000 step in pixels: the rounding of the written target
+    assert np.allclose(parsed.boxes, records[0].gt_boxes, atol=unit)
+    overall = {e["method"]: e for e in chain_qwen3["eval"]["table"] if e["dataset"] == "all"}
+    assert {"oracle", "grpo"} <= set(overall)
+
+
+def test_grpo_refuses_an_sft_adapter_trained_in_another_convention(chain, tmp_path):
+    from MedVolR1Lib.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="trained with pixels box coordinates"):
+        _script("grpo").main([
+            "--config", str(SMOKE), "--data_dir", str(chain["data"]), "--output_dir", str(tmp_path / "g"),
+            "--adapter_path", str(chain["sft"]), "--model_name_or_path", str(chain["model"]), "--coordinates", "norm1000",
+        ])
+    assert not (tmp_path / "g").exists()
 
 
 def test_prepare_writes_records_with_gt(chain):
@@ -71,6 +127,7 @@ def test_sft_and_grpo_save_adapters_manifest_and_reward_logs(chain):
         assert (folder / "adapter_model.safetensors").exists()
         manifest = read_manifest(folder)
         assert manifest["stage"] == stage and manifest["base_model"] == str(chain["model"])
+        assert (manifest["family"], manifest["coordinates"], manifest["answer_schema"]) == ("qwen2.5-vl", "pixels", "medvolr1")
     assert trained_step(latest_checkpoint(chain["sft"])) == 6
     assert trained_step(latest_checkpoint(chain["grpo"])) == 2
     state = json.loads((Path(latest_checkpoint(chain["grpo"])) / "trainer_state.json").read_text())

@@ -64,3 +64,21 @@ def test_a_misspelled_key_is_refused(tmp_path):
     bad.write_text(yaml.safe_dump({"grpo": {"output_dir": str(tmp_path), "num_generation": 8}}))
     with pytest.raises((ValueError, SystemExit)):
         _parse(bad, "grpo")
+
+
+def test_paper_config_reproduces_the_release_settings():
+    """Every setting the MedVol-R1 release states (DESIGN.md section 9), as the scripts will parse it."""
+    config = REPO / "Training" / "configs" / "qwen3-vl-4b-paper.yaml"
+    (prepare,) = _parse(config, "prepare")
+    assert (prepare.num_views, prepare.image_size, prepare.sample_ct) == (64, 256, False)
+    _, policy, sft = _parse(config, "sft")
+    assert policy.model_name_or_path == "Qwen/Qwen3-VL-4B-Instruct"
+    assert (policy.answer_schema, policy.coordinates, policy.lora_rank) == ("paper", "norm1000", 128)
+    assert (sft.num_train_epochs, sft.learning_rate) == (1, 2e-5)
+    _, policy, rewards, grpo = _parse(config, "grpo")
+    assert (policy.answer_schema, policy.coordinates) == ("paper", "norm1000")
+    assert (grpo.num_train_epochs, grpo.num_generations, grpo.beta, grpo.learning_rate, grpo.max_completion_length) == (3, 4, 0.01, 2e-6, 256)
+    assert (rewards.reward_format, rewards.reward_slice, rewards.reward_grounding, rewards.reward_coherence) == (0.25,) * 4
+    assert (rewards.coherence_window, rewards.coherence_propagator) == (5, "medsam2")
+    (evaluate,) = _parse(config, "evaluate")
+    assert evaluate.checkpoints.startswith("off_the_shelf=Qwen/Qwen3-VL-4B-Instruct") and evaluate.lenient == "off_the_shelf"

@@ -6,7 +6,7 @@
 #      -> .device_carry/ (git-ignored): wheels of the packages the GPU image lacks (trl, datasets, SimpleITK, ...),
 #         sam2 / iopath / antlr4 as pure-Python folders, and a copy of the sample CT cache; ~57 MiB with the tree.
 #   2. the device tool, once:
-#        run(command="bash bench/device_check.sh", carry=[".device_carry"], timeout_s=560)
+#        run(command="bash bench/device_check.sh", carry=[".device_carry"], timeout_s=600)
 #      then give_back (unless you rerun at once). To rerun only some benches (e.g. after a fix):
 #        run(command="BENCHES='grpo' bash bench/device_check.sh", carry=[".device_carry"], timeout_s=300)
 #
@@ -17,10 +17,14 @@
 # NOTE: the CPU tests here use transformers 5.24; the GPU image has 5.17 (its versions are printed first).
 #
 # What it does: prints nvidia-smi and the versions, then runs gpu_bench_medsam2.py, gpu_bench_qwen.py and
-# gpu_bench_grpo.py one after the other, each under `timeout` (120 + 170 + 210 s: about 8.5 min at most),
-# keeps going after a failure, and ends with one summary line per bench (ok / failed rc=N / timed out).
+# gpu_bench_grpo.py for Qwen2.5-VL-3B, then gpu_bench_qwen.py and gpu_bench_grpo.py with --family qwen3-vl
+# (the MedVol-R1 release's recipe: Qwen3-VL-4B-sized, 64 views of 256 px + 256 new tokens; one GRPO step
+# with G = 4, LoRA r128 and MedSAM2-size coherence; peak memory), one after the other, each under `timeout`
+# (100 + 110 + 150 + 100 + 130 s: at most 9.8 min), keeps going after a failure, and ends with one summary
+# line per bench (ok / failed rc=N / timed out). With less device time, run the Qwen3-VL pair alone first:
+#        run(command="BENCHES='qwen3 grpo_qwen3' bash bench/device_check.sh", carry=[".device_carry"], timeout_s=300)
 # Files under $OUT (default ./device_out): device_check.log (everything), medsam2.json, qwen.json, grpo.json,
-# summary.txt (5 files; the tool returns at most 8).
+# qwen3.json, grpo_qwen3.json, summary.txt (7 files; the tool returns at most 8).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,7 +34,7 @@ LOG="$OUT/device_check.log"
 : > "$LOG"
 PY=${PYTHON:-python3}
 CARRY=${CARRY_DIR:-$ROOT/.device_carry}
-BENCHES=${BENCHES:-"medsam2 qwen grpo"}
+BENCHES=${BENCHES:-"medsam2 qwen grpo qwen3 grpo_qwen3"}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -95,10 +99,13 @@ run_bench() {  # name, timeout seconds, command...
 
 for bench in $BENCHES; do
   case $bench in
-    medsam2) run_bench medsam2 120 "$PY" bench/gpu_bench_medsam2.py --json "$OUT/medsam2.json" ;;
-    qwen) run_bench qwen 170 "$PY" bench/gpu_bench_qwen.py --json "$OUT/qwen.json" ;;
-    grpo) run_bench grpo 210 "$PY" bench/gpu_bench_grpo.py "${SAMPLE_ARGS[@]}" --out /tmp/gpu_bench_grpo --json "$OUT/grpo.json" ;;
-    *) RESULT[$bench]="unknown bench (choose medsam2 qwen grpo)" ;;
+    medsam2) run_bench medsam2 100 "$PY" bench/gpu_bench_medsam2.py --json "$OUT/medsam2.json" ;;
+    qwen) run_bench qwen 110 "$PY" bench/gpu_bench_qwen.py --json "$OUT/qwen.json" ;;
+    grpo) run_bench grpo 150 "$PY" bench/gpu_bench_grpo.py "${SAMPLE_ARGS[@]}" --out /tmp/gpu_bench_grpo --json "$OUT/grpo.json" ;;
+    qwen3) run_bench qwen3 100 "$PY" bench/gpu_bench_qwen.py --family qwen3-vl --repeats 2 --json "$OUT/qwen3.json" ;;
+    grpo_qwen3) run_bench grpo_qwen3 130 "$PY" bench/gpu_bench_grpo.py --family qwen3-vl --steps 2 "${SAMPLE_ARGS[@]}" \
+                  --out /tmp/gpu_bench_grpo_qwen3 --json "$OUT/grpo_qwen3.json" ;;
+    *) RESULT[$bench]="unknown bench (choose medsam2 qwen grpo qwen3 grpo_qwen3)" ;;
   esac
 done
 

@@ -1,4 +1,8 @@
-"""GPU benchmark of one GRPO training step: Qwen2.5-VL-3B-sized policy + MedSAM2 coherence reward (random weights).
+"""GPU benchmark of one GRPO training step: Qwen2.5-VL-3B- or Qwen3-VL-4B-sized policy + MedSAM2 coherence reward (random weights).
+
+--family qwen3-vl switches every default to the MedVol-R1 release's recipe: Qwen3-VL-4B, 64 views of 256 px,
+G = 4 rollouts, LoRA r128, beta 0.01, 256 new tokens, coherence over +-5 slices, answers in the paper's schema
+in 0-1000 (Training/configs/qwen3-vl-4b-paper.yaml). The defaults below are those of --family qwen2.5-vl.
 
 What it runs (defaults; every number is a flag):
   * policy: a Qwen2.5-VL-3B-sized model built from its released config with RANDOM weights (no download; the
@@ -17,6 +21,7 @@ the first step (warm-up: kernels, SAM2 encoding of the volume) apart from the me
 memory of each phase, and the coherence reward's cost for a group of 8 rollouts vs one propagation.
 
     python bench/gpu_bench_grpo.py --sample-dir .device_carry/cache      # one CUDA GPU, a few minutes on an H100
+    python bench/gpu_bench_grpo.py --sample-dir .device_carry/cache --family qwen3-vl
     python bench/gpu_bench_grpo.py --tiny                                # CPU smoke check (tiny Qwen, micro SAM2)
 
 The GPU machine has no network: pass --sample-dir pointing at a copy of the sample cache (the folder that holds
@@ -43,6 +48,21 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
 TARGETS = "liver,spleen,kidneys,stomach"
+
+
+def _recipes() -> dict:
+    from MedVolR1Lib.anchor import AnswerFormat
+
+    return {
+        "qwen2.5-vl": dict(views=16, image_size=448, tiny_image_size=112, max_completion_length=128, window=8, lora_rank=64,
+                           generations=8, beta=0.0, loss_type="dapo", learning_rate=1e-6, answer_format=AnswerFormat()),
+        # Training/configs/qwen3-vl-4b-paper.yaml
+        "qwen3-vl": dict(views=64, image_size=256, tiny_image_size=128, max_completion_length=256, window=5, lora_rank=128,
+                         generations=4, beta=0.01, loss_type="grpo", learning_rate=2e-6, answer_format=AnswerFormat("paper", "norm1000")),
+    }
+
+
+FAMILY_RECIPES = _recipes()
 
 
 # --------------------------------------------------------------------------------------------- timing helpers
@@ -103,27 +123,16 @@ def resolve_sample_cache(sample_dir: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- the pieces
-def build_policy(tiny: bool, device, dtype, attn: str, lora_rank: int):
-    """(model, processor): Qwen2.5-VL from a config with random weights, then LoRA exactly as
+def build_policy(tiny: bool, device, dtype, attn: str, lora_rank: int, family: str = "qwen2.5-vl"):
+    """(model, processor): Qwen2.5-VL / Qwen3-VL from a config with random weights, then LoRA exactly as
     MedVolR1Lib.training.policy.load_policy attaches it (same PolicyArguments fields). Built in memory:
     saving and reloading 7 GB of random weights would only time the disk."""
-    import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from gpu_bench_qwen import REAL_MAX_PIXELS, REAL_MIN_PIXELS, qwen_3b_config
-    from MedVolR1Lib.fixtures.tiny_qwen import TINY_MAX_PIXELS, TINY_MIN_PIXELS, _build_processor, _build_tokenizer, tiny_qwen_config
+    from gpu_bench_qwen import build_random_model
     from MedVolR1Lib.training.config import PolicyArguments
 
-    tokenizer = _build_tokenizer()
-    if tiny:
-        processor, config = _build_processor(tokenizer, TINY_MIN_PIXELS, TINY_MAX_PIXELS), tiny_qwen_config(tokenizer)
-    else:
-        processor, config = _build_processor(tokenizer, REAL_MIN_PIXELS, REAL_MAX_PIXELS), qwen_3b_config(tokenizer)
-    config._attn_implementation = attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    model, processor, _ = build_random_model(family, tiny, device, dtype, attn)
     model.config.use_cache = False  # as load_policy with gradient checkpointing; generation asks for the cache itself
     policy = PolicyArguments(model_name_or_path="random", lora_rank=lora_rank, lora_alpha=2 * lora_rank)
     lora = LoraConfig(r=policy.lora_rank, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
@@ -189,7 +198,7 @@ def coherence_group_cost(data: Path, make_propagator, sync, window: int, group: 
 def plausible_answer(target_json, rng) -> str:
     """A parseable answer near the ground truth: one of the 3 shown slices with the largest target area, GT boxes
     jittered by up to 3 px. Stands in for a trained policy's answer so the rewards run at their real load."""
-    from MedVolR1Lib.anchor import format_answer
+    from MedVolR1Lib.anchor import AnswerFormat, format_answer
     from MedVolR1Lib.rewards import RewardTarget
 
     target = RewardTarget.coerce(target_json)
@@ -198,7 +207,8 @@ def plausible_answer(target_json, rng) -> str:
         return "<think>t</think><answer>{}</answer>"
     k = candidates[int(rng.integers(len(candidates)))]
     boxes = [[v + rng.uniform(-3, 3) for v in box] for box in target.gt_boxes[k]]
-    return format_answer(k, boxes, think="t")
+    fmt = AnswerFormat.from_spec(target.answer_format)  # the policy's schema and coordinates, as the rewards parse them
+    return format_answer(k, boxes, think="t", answer_format=fmt, image_size=target.image_size)
 
 
 def substitute_answers(trainer, seed: int = 0) -> None:
@@ -246,16 +256,18 @@ def summarise_steps(timer: PhaseTimer) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny Qwen fixture, micro SAM2, small views")
+    parser.add_argument("--family", default="qwen2.5-vl", choices=sorted(FAMILY_RECIPES),
+                        help="qwen3-vl: the release's recipe (defaults in FAMILY_RECIPES)")
     parser.add_argument("--sample-dir", default=None, help="a copy of the sample cache (folder holding sample_ct/); default: the user cache")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default 3; 2 with --tiny); step 1 is the warm-up")
     parser.add_argument("--views", type=int, default=None, help="default 16 (4 with --tiny)")
     parser.add_argument("--image-size", type=int, default=None, help="default 448 (112 with --tiny)")
-    parser.add_argument("--generations", type=int, default=8, help="rollouts per prompt (= per-device batch)")
+    parser.add_argument("--generations", type=int, default=None, help="rollouts per prompt (= per-device batch); default 8")
     parser.add_argument("--max-completion-length", type=int, default=None, help="default 128 (32 with --tiny)")
     parser.add_argument("--window", type=int, default=None, help="coherence +-W slices (default 8; 2 with --tiny)")
     parser.add_argument("--sam-size", type=int, default=None, help="SAM2 image size (512; micro 128 with --tiny)")
     parser.add_argument("--lora-rank", type=int, default=None, help="default 64 (the 3B config; 8 with --tiny)")
-    parser.add_argument("--beta", type=float, default=0.0, help="KL weight (>0 adds the reference forward)")
+    parser.add_argument("--beta", type=float, default=None, help="KL weight (>0 adds the reference forward); default 0")
     parser.add_argument("--real-completions", action="store_true",
                         help="score the policy's own completions (random weights: never parseable, so no propagation)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager | flash_attention_2)")
@@ -263,13 +275,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     tiny = args.tiny
+    recipe = FAMILY_RECIPES[args.family]
     steps = args.steps or (2 if tiny else 3)
-    views = args.views or (4 if tiny else 16)
-    image_size = args.image_size or (112 if tiny else 448)
-    max_len = args.max_completion_length or (32 if tiny else 128)
-    window = args.window if args.window is not None else (2 if tiny else 8)
+    views = args.views or (4 if tiny else recipe["views"])
+    image_size = args.image_size or (recipe["tiny_image_size"] if tiny else recipe["image_size"])
+    max_len = args.max_completion_length or (32 if tiny else recipe["max_completion_length"])
+    window = args.window if args.window is not None else (2 if tiny else recipe["window"])
     sam_size = args.sam_size or (128 if tiny else 512)
-    lora_rank = args.lora_rank or (8 if tiny else 64)
+    lora_rank = args.lora_rank or (8 if tiny else recipe["lora_rank"])
+    args.generations = args.generations or recipe["generations"]
+    args.beta = recipe["beta"] if args.beta is None else args.beta
+    answer_format = recipe["answer_format"]
     if steps < 1:
         parser.error("--steps must be >= 1")
 
@@ -317,6 +333,7 @@ def main(argv=None) -> int:
         "settings": {"steps": steps, "views": views, "image_size": image_size, "generations": args.generations,
                      "max_completion_length": max_len, "coherence_window": window, "sam_image_size": sam_size,
                      "lora_rank": lora_rank, "beta": args.beta, "dtype": str(dtype).replace("torch.", ""), "attn": args.attn,
+                     "family": args.family, "answer_format": answer_format.spec, "loss_type": recipe["loss_type"],
                      "gradient_checkpointing": True},
     }
 
@@ -354,7 +371,7 @@ def main(argv=None) -> int:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model, processor = build_policy(tiny, device, dtype, args.attn, lora_rank)
+    model, processor = build_policy(tiny, device, dtype, args.attn, lora_rank, args.family)
     sync()
     result["build_policy_s"] = round(time.perf_counter() - t0, 2)
     total = sum(p.numel() for p in model.parameters())
@@ -368,12 +385,14 @@ def main(argv=None) -> int:
     config = GRPOConfig(
         output_dir=str(out / "grpo"), use_cpu=not cuda, bf16=cuda, max_steps=steps,
         per_device_train_batch_size=args.generations, num_generations=args.generations, max_completion_length=max_len,
-        temperature=1.0, learning_rate=1e-6, beta=args.beta, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+        temperature=1.0, learning_rate=recipe["learning_rate"], beta=args.beta, loss_type=recipe["loss_type"], epsilon=0.2,
+        epsilon_high=0.28 if recipe["loss_type"] == "dapo" else None,
         reward_weights=weights, gradient_checkpointing=True, generation_kwargs={"use_cache": True},
         report_to="none", save_strategy="no", logging_steps=1, seed=0, remove_unused_columns=False,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=config,
-                          train_dataset=grpo_dataset(read_records(data / "train.jsonl"), store), processing_class=processor)
+                          train_dataset=grpo_dataset(read_records(data / "train.jsonl"), store, answer_format=answer_format),
+                          processing_class=processor)
     if not args.real_completions:
         substitute_answers(trainer)
     result["rewards_scored_on"] = ("the policy's own completions" if args.real_completions else

@@ -1,6 +1,8 @@
-"""GPU benchmark of one grounding query with a Qwen2.5-VL-3B-sized model (random weights, no download).
+"""GPU benchmark of one grounding query with a Qwen2.5-VL-3B- or Qwen3-VL-4B-sized model (random weights, no download).
 
-What it measures (bf16, 16 views of 448 px = 256 image tokens per view by default):
+Families (--family): qwen2.5-vl (default: 16 views of 448 px = 256 image tokens per view, 128 new tokens) or
+qwen3-vl (the MedVol-R1 release's setting: Qwen3-VL-4B, 64 views of 256 px = 64 image tokens per view,
+256 new tokens, answers in the paper's schema in 0-1000).  What it measures (bf16):
   * prefill time (vision tower + prompt forward, first token),
   * decode throughput for N new tokens (min_new_tokens forces all N: random weights may hit EOS),
   * the whole `Grounder.ground` call (render + prompt + generate + parse; it ends in GroundingError
@@ -8,8 +10,9 @@ What it measures (bf16, 16 views of 448 px = 256 image tokens per view by defaul
   * peak CUDA memory of each phase.
 Random weights give real compute cost but say nothing about accuracy.
 
-    python bench/gpu_bench_qwen.py                 # on a CUDA machine, a few minutes on one H100
-    python bench/gpu_bench_qwen.py --tiny          # CPU smoke check of this script (tiny model)
+    python bench/gpu_bench_qwen.py                       # on a CUDA machine, a few minutes on one H100
+    python bench/gpu_bench_qwen.py --family qwen3-vl     # Qwen3-VL-4B-sized, 64 views at 256 px + 256 new tokens
+    python bench/gpu_bench_qwen.py --tiny [--family qwen3-vl]   # CPU smoke check of this script (tiny model)
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from MedVolR1Lib.anchor import AnswerFormat  # noqa: E402
 from MedVolR1Lib.fixtures.tiny_qwen import (  # noqa: E402
-    TINY_MAX_PIXELS,
-    TINY_MIN_PIXELS,
+    FAMILY_FIXTURES,
     _build_processor,
     _build_tokenizer,
+    qwen3_vl_config,
+    tiny_qwen3_vl_config,
     tiny_qwen_config,
 )
 from MedVolR1Lib.grounder import GenerationSettings, Grounder, GroundingError  # noqa: E402
@@ -48,6 +53,45 @@ QWEN2_5_VL_3B = {
 }
 # Qwen2.5-VL's own processor limits: a 448 px view stays 448 px (32x32 patches -> 256 tokens).
 REAL_MIN_PIXELS, REAL_MAX_PIXELS = 3136, 12845056
+# Qwen/Qwen3-VL-4B-Instruct's released config.json (sizes only; token ids come from our tokenizer).
+QWEN3_VL_4B = {
+    "text": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+    "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
+                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
+                   hidden_act="gelu_pytorch_tanh"),
+}
+# Qwen3-VL's processor limits (preprocessor_config.json): a 256 px view stays 256 px (16x16 patches -> 64 tokens).
+QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS = 65536, 16777216
+# Per family: defaults of this bench (qwen3-vl: the release's 64 views at 256 px, 256 new tokens) and answer format.
+FAMILY_DEFAULTS = {
+    "qwen2.5-vl": dict(views=16, image_size=448, new_tokens=128, answer_format=AnswerFormat("medvolr1", "pixels")),
+    "qwen3-vl": dict(views=64, image_size=256, new_tokens=256, answer_format=AnswerFormat("paper", "norm1000")),
+}
+
+
+def build_random_model(family: str, tiny: bool, device, dtype, attn: str):
+    """(model, processor, config): random weights of the real size (or the tiny fixture's) for `family`, built in memory."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    tokenizer = _build_tokenizer()
+    if family == "qwen3-vl":
+        _, tiny_min, tiny_max = FAMILY_FIXTURES[family]
+        low, high = (tiny_min, tiny_max) if tiny else (QWEN3_MIN_PIXELS, QWEN3_MAX_PIXELS)
+        config = tiny_qwen3_vl_config(tokenizer) if tiny else qwen3_vl_config(tokenizer, QWEN3_VL_4B["text"], QWEN3_VL_4B["vision"])
+        model_class = Qwen3VLForConditionalGeneration
+    else:
+        _, tiny_min, tiny_max = FAMILY_FIXTURES[family]
+        low, high = (tiny_min, tiny_max) if tiny else (REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+        config = tiny_qwen_config(tokenizer) if tiny else qwen_3b_config(tokenizer)
+        model_class = Qwen2_5_VLForConditionalGeneration
+    processor = _build_processor(tokenizer, low, high, family)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, processor, config
 
 
 def qwen_3b_config(tokenizer):
@@ -87,14 +131,18 @@ def reset_peak(device: torch.device) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny model on CPU: a smoke check of this script")
-    parser.add_argument("--views", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (16 with --tiny)")
+    parser.add_argument("--family", default="qwen2.5-vl", choices=sorted(FAMILY_DEFAULTS))
+    parser.add_argument("--views", type=int, default=None, help="default 16 (qwen2.5-vl) / 64 (qwen3-vl)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 448 (qwen2.5-vl) / 256 (qwen3-vl)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128 (qwen2.5-vl) / 256 (qwen3-vl); 16 with --tiny")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager | flash_attention_2)")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
-    new_tokens = args.new_tokens or (16 if args.tiny else 128)
+    defaults = FAMILY_DEFAULTS[args.family]
+    args.views = args.views or defaults["views"]
+    args.image_size = args.image_size or defaults["image_size"]
+    new_tokens = args.new_tokens or (16 if args.tiny else defaults["new_tokens"])
 
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
@@ -105,20 +153,11 @@ def main(argv=None) -> int:
             return 2
         device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
 
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     t0 = time.perf_counter()
-    tokenizer = _build_tokenizer()
-    if args.tiny:
-        processor = _build_processor(tokenizer, TINY_MIN_PIXELS, TINY_MAX_PIXELS)
-        config = tiny_qwen_config(tokenizer)
-    else:
-        processor = _build_processor(tokenizer, REAL_MIN_PIXELS, REAL_MAX_PIXELS)
-        config = qwen_3b_config(tokenizer)
-    config._attn_implementation = args.attn
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=args.attn).eval()
+    model, processor, config = build_random_model(args.family, args.tiny, device, dtype, args.attn)
+    model.eval()
     sync(device)
     build_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
@@ -126,7 +165,9 @@ def main(argv=None) -> int:
     print(f"model: {params / 1e9:.3f} B parameters, {dtype}, {device}, attn={args.attn}, built in {build_s:.1f} s, "
           f"weights {weights_gib:.2f} GiB")
 
-    grounder = Grounder(model, processor, model_ref="random-qwen2.5-vl-3b" if not args.tiny else "random-tiny", device=device, dtype=dtype)
+    name = {"qwen2.5-vl": "random-qwen2.5-vl-3b", "qwen3-vl": "random-qwen3-vl-4b"}[args.family]
+    grounder = Grounder(model, processor, model_ref=name if not args.tiny else f"random-tiny-{args.family}", device=device, dtype=dtype,
+                        answer_format=defaults["answer_format"])
     volume = phantom_volume()
     views = render_views(volume, num_views=args.views, image_size=args.image_size)
     inputs = grounder.build_inputs(views, "segment the liver")
@@ -169,6 +210,8 @@ def main(argv=None) -> int:
 
     summary = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "family": args.family,
+        "answer_format": defaults["answer_format"].spec,
         "dtype": str(dtype).replace("torch.", ""),
         "parameters_b": round(params / 1e9, 3),
         "views": len(views.slices),

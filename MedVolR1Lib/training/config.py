@@ -9,16 +9,24 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 TINY_MODEL = "tiny"  # model_name_or_path value that builds the offline tiny Qwen2.5-VL fixture
+# model_name_or_path values that build an offline tiny fixture: (family, size, folder suffix)
+TINY_MODELS = {
+    "tiny": ("qwen2.5-vl", "tiny", ""),
+    "tiny-small": ("qwen2.5-vl", "small", "-small"),
+    "tiny-qwen3": ("qwen3-vl", "tiny", "-qwen3"),
+    "tiny-qwen3-small": ("qwen3-vl", "small", "-qwen3-small"),
+}
 
 
 def tiny_model_path(name: str, folder: str) -> "str | None":
-    """'tiny' / 'tiny-small' -> build (or reuse) that fixture size in `folder`; None for real models."""
-    if name not in ("tiny", "tiny-small"):
+    """'tiny' / 'tiny-small' (Qwen2.5-VL), 'tiny-qwen3' / 'tiny-qwen3-small' (Qwen3-VL) -> build (or reuse)
+    that fixture beside `folder`; None for real models."""
+    if name not in TINY_MODELS:
         return None
     from ..fixtures.tiny_qwen import build_tiny_qwen
 
-    size = "small" if name == "tiny-small" else "tiny"
-    return str(build_tiny_qwen(folder if size == "tiny" else f"{folder}-small", size=size))
+    family, size, suffix = TINY_MODELS[name]
+    return str(build_tiny_qwen(f"{folder}{suffix}", size=size, family=family))
 
 
 @dataclass
@@ -36,9 +44,9 @@ class VRSDataArguments:
 
 @dataclass
 class PolicyArguments:
-    """The policy: base Qwen2.5-VL, optional starting adapter, LoRA settings."""
+    """The policy: base Qwen2.5-VL or Qwen3-VL, optional starting adapter, LoRA settings, answer format."""
 
-    model_name_or_path: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "hub id, folder, or 'tiny'"})
+    model_name_or_path: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "hub id, folder, 'tiny' or 'tiny-qwen3'"})
     tiny_model_dir: str = field(default="runs/tiny-qwen", metadata={"help": "where the tiny fixture is built when model is 'tiny'"})
     adapter_path: Optional[str] = field(default=None, metadata={"help": "LoRA adapter to start from (the SFT output for GRPO)"})
     use_lora: bool = field(default=True, metadata={"help": "LoRA (peft) on the language model; False: full fine-tuning"})
@@ -53,6 +61,10 @@ class PolicyArguments:
     torch_dtype: str = field(default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16"})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. flash_attention_2 on GPU"})
     torch_threads: int = field(default=0, metadata={"help": ">0: torch.set_num_threads (1 is fastest for the tiny model on a busy CPU)"})
+    answer_schema: str = field(default="medvolr1", metadata={"help": "medvolr1 ({slice, boxes}) | paper ([{slice, bbox_2d_list}])"})
+    coordinates: str = field(
+        default="auto", metadata={"help": "box coordinates: auto (the family's: pixels for Qwen2.5-VL, 0-1000 for Qwen3-VL) | pixels | norm1000"}
+    )
 
 
 @dataclass

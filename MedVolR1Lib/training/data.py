@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from ..anchor import AnswerFormat
 from ..views import build_messages
 from .records import VRSRecord
 from .store import VolumeStore
@@ -27,9 +28,9 @@ def think_text(record: VRSRecord, mode: str) -> Optional[str]:
     raise ValueError(f"think mode must be 'none' or 'template', got {mode!r}")
 
 
-def prompt_messages(record: VRSRecord) -> list[dict]:
+def prompt_messages(record: VRSRecord, answer_format: Optional[AnswerFormat] = None) -> list[dict]:
     """System + user turn with `Slice k:` labels and image placeholders (trl fills them from `images`)."""
-    return build_messages(record.slices, record.query, record.image_size)
+    return build_messages(record.slices, record.query, record.image_size, answer_format=answer_format)
 
 
 def _records_dataset(records: Sequence[VRSRecord]):
@@ -48,16 +49,18 @@ def render_images(store: VolumeStore, record: VRSRecord, *, blank: bool = False)
     return store.views(record.case_id, record.slices, record.image_size, record.window, blank=blank).pil_images()
 
 
-def sft_dataset(records: Sequence[VRSRecord], store: VolumeStore, *, think: str = "none", blank: bool = False):
-    """prompt / completion / images rows for trl's SFTTrainer (completion-only loss)."""
+def sft_dataset(
+    records: Sequence[VRSRecord], store: VolumeStore, *, think: str = "none", blank: bool = False, answer_format: Optional[AnswerFormat] = None
+):
+    """prompt / completion / images rows for trl's SFTTrainer (completion-only loss); targets in `answer_format`."""
     think_text(records[0], think) if records else None  # validate the mode early
 
     def transform(batch: dict) -> dict:
         out: dict[str, list] = {"prompt": [], "completion": [], "images": []}
         for text in batch["record"]:
             record = _load(text)
-            out["prompt"].append(prompt_messages(record))
-            answer = record.answer_text(think=think_text(record, think))
+            out["prompt"].append(prompt_messages(record, answer_format))
+            answer = record.answer_text(think=think_text(record, think), answer_format=answer_format)
             out["completion"].append([{"role": "assistant", "content": [{"type": "text", "text": answer}]}])
             out["images"].append(render_images(store, record, blank=blank))
         return out
@@ -65,16 +68,18 @@ def sft_dataset(records: Sequence[VRSRecord], store: VolumeStore, *, think: str 
     return _records_dataset(records).with_transform(transform)
 
 
-def grpo_dataset(records: Sequence[VRSRecord], store: VolumeStore, *, max_boxes: int = 4, blank: bool = False):
+def grpo_dataset(
+    records: Sequence[VRSRecord], store: VolumeStore, *, max_boxes: int = 4, blank: bool = False, answer_format: Optional[AnswerFormat] = None
+):
     """prompt / images / reward_target rows for trl's GRPOTrainer (reward_target reaches the reward functions)."""
 
     def transform(batch: dict) -> dict:
         out: dict[str, list] = {"prompt": [], "images": [], "reward_target": [], "case_id": [], "target": []}
         for text in batch["record"]:
             record = _load(text)
-            out["prompt"].append(prompt_messages(record))
+            out["prompt"].append(prompt_messages(record, answer_format))
             out["images"].append(render_images(store, record, blank=blank))
-            out["reward_target"].append(record.reward_target(max_boxes=max_boxes).to_json())
+            out["reward_target"].append(record.reward_target(max_boxes=max_boxes, answer_format=answer_format).to_json())
             out["case_id"].append(record.case_id)
             out["target"].append(record.target)
         return out

@@ -48,6 +48,11 @@ class EvalArguments:
     base_model: Optional[str] = field(default=None, metadata={"help": "base model for adapters without a manifest; 'tiny' allowed"})
     tiny_model_dir: str = "runs/tiny-qwen"
     blank_control: bool = field(default=True, metadata={"help": "add '<name>+blank' rows (images blanked)"})
+    lenient: str = field(
+        default="off_the_shelf",
+        metadata={"help": "comma list of checkpoint names read in lenient mode (native grounding JSON accepted): the zero-shot "
+                          "off-the-shelf Instruct row, e.g. --checkpoints off_the_shelf=Qwen/Qwen3-VL-4B-Instruct,..."},
+    )
     propagator: str = field(default="litemedsam", metadata={"help": "litemedsam | medsam2 | none (anchor metrics only)"})
     sam_checkpoint: Optional[str] = None
     eval_window: int = field(default=-1, metadata={"help": "score the GT key slice +- W for every method; -1: whole volume"})
@@ -126,12 +131,12 @@ def _blank_volume(volume: Volume) -> Volume:
 class PolicyRunner:
     """A checkpoint through the product's Grounder (the same call path the pipeline uses)."""
 
-    def __init__(self, name: str, grounder, max_new_tokens: int):
+    def __init__(self, name: str, grounder, max_new_tokens: int, lenient: bool = False):
         from ..grounder import GenerationSettings
 
         self.name = name
         self.grounder = grounder
-        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, retries=0, do_sample=False)
+        self.settings = GenerationSettings(max_new_tokens=max_new_tokens, retries=0, do_sample=False, lenient=lenient)
         self._blank: dict[str, Volume] = {}
 
     def guess(self, record: VRSRecord, volume: Volume, blank: bool = False) -> AnchorGuess:
@@ -166,7 +171,8 @@ def load_checkpoint(spec: str, args: EvalArguments) -> PolicyRunner:
             raise ValueError(f"{path}: adapter without a training manifest; pass --base_model")
     base = tiny_model_path(base, args.tiny_model_dir) or base
     grounder = Grounder.from_pretrained(base, adapter=adapter, device=args.device)
-    return PolicyRunner(name.strip(), grounder, args.max_new_tokens)
+    lenient = name.strip() in {n.strip() for n in args.lenient.split(",")}
+    return PolicyRunner(name.strip(), grounder, args.max_new_tokens, lenient=lenient)
 
 
 # ---------------------------------------------------------------------------------------------- scoring

@@ -1,17 +1,34 @@
-"""Load the policy (Qwen2.5-VL + processor), attach LoRA or a starting adapter, freeze the vision tower."""
+"""Load the policy (Qwen2.5-VL or Qwen3-VL + processor), attach LoRA or a starting adapter, freeze the vision tower.
+
+`policy_answer_format` fixes the one answer format (schema + box coordinates) of a run: the family's
+coordinates unless set, and the starting adapter's own when there is one (a mismatch is refused).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
+from ..anchor import AnswerFormat
 from ..errors import CheckpointError
+from ..families import ModelFamily, check_adapter_convention, family_of_checkpoint, resolve_coordinates
 from .config import PolicyArguments, tiny_model_path
 
 
 def resolve_model_path(args: PolicyArguments) -> str:
-    """'tiny' / 'tiny-small' build (or reuses) the offline tiny Qwen2.5-VL fixture; anything else is passed through."""
+    """'tiny' / 'tiny-qwen3' (and -small) build (or reuse) an offline tiny fixture; anything else is passed through."""
     return tiny_model_path(args.model_name_or_path, args.tiny_model_dir) or args.model_name_or_path
+
+
+def policy_answer_format(args: PolicyArguments, model_path: str) -> tuple[ModelFamily, AnswerFormat]:
+    """(family, answer format) of this run; CheckpointError if the starting adapter was trained otherwise."""
+    from .checkpoints import read_manifest
+
+    family = family_of_checkpoint(model_path)
+    fmt = AnswerFormat(args.answer_schema, resolve_coordinates(family, args.coordinates))
+    if args.adapter_path:
+        check_adapter_convention(read_manifest(args.adapter_path), family, fmt.coordinates, f"adapter {args.adapter_path}", fmt.schema)
+    return family, fmt
 
 
 def _dtype(name: str, use_cpu: bool):

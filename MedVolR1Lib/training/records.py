@@ -49,8 +49,12 @@ class VRSRecord:
             raise DataError(f"record {data.get('id', '?')}: missing fields {missing}")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
-    def reward_target(self, max_boxes: int = 4):
-        """The rewards' ground truth for this prompt (one JSON column of the GRPO dataset)."""
+    def reward_target(self, max_boxes: int = 4, answer_format=None):
+        """The rewards' ground truth for this prompt (one JSON column of the GRPO dataset).
+
+        `answer_format` (anchor.AnswerFormat) is how the policy answers; default our schema in pixels.
+        """
+        from ..anchor import AnswerFormat
         from ..rewards import RewardTarget
 
         return RewardTarget(
@@ -64,13 +68,14 @@ class VRSRecord:
             max_boxes=max_boxes,
             target=self.target,
             oracle={int(k): float(v) for k, v in self.oracle.items()} or None,
+            answer_format=(answer_format or AnswerFormat()).spec,
         )
 
-    def answer_text(self, think: Optional[str] = None) -> str:
-        """The SFT target: the GT anchor in the answer format (optional short templated think)."""
+    def answer_text(self, think: Optional[str] = None, answer_format=None) -> str:
+        """The SFT target: the GT anchor in the policy's answer format (optional short templated think)."""
         from ..anchor import format_answer
 
-        return format_answer(self.gt_slice, self.gt_boxes, think=think)
+        return format_answer(self.gt_slice, self.gt_boxes, think=think, answer_format=answer_format, image_size=self.image_size)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[VRSRecord]) -> Path:

@@ -55,10 +55,23 @@ def run_sft(data: VRSDataArguments, policy: PolicyArguments, config) -> str:
     store = VolumeStore.from_dir(data.data_dir)
     from .data import sft_dataset
 
-    dataset = sft_dataset(records, store, think=data.think, blank=data.blank_images)
+    family, fmt = answer_format_for(policy)
+    dataset = sft_dataset(records, store, think=data.think, blank=data.blank_images, answer_format=fmt)
     model, processor, model_path = load_policy_for(policy, config)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
-    return _train_and_save(trainer, processor, "sft", data, policy, config, model_path, len(records))
+    return _train_and_save(trainer, processor, "sft", data, policy, config, model_path, len(records), **_format_info(family, fmt))
+
+
+def answer_format_for(policy: PolicyArguments):
+    """(family, AnswerFormat) of the run, decided before any weights load (a mismatched adapter fails fast)."""
+    from .policy import policy_answer_format, resolve_model_path
+
+    return policy_answer_format(policy, resolve_model_path(policy))
+
+
+def _format_info(family, fmt) -> dict:
+    """What the manifest records so the grounder and later stages use the same convention."""
+    return {"family": family.name, "coordinates": fmt.coordinates, "answer_schema": fmt.schema}
 
 
 def load_policy_for(policy: PolicyArguments, config):
@@ -115,13 +128,14 @@ def run_grpo(data: VRSDataArguments, policy: PolicyArguments, rewards: RewardArg
     config.reward_weights = weights
     from .data import grpo_dataset
 
-    dataset = grpo_dataset(records, store, max_boxes=data.max_boxes, blank=data.blank_images)
+    family, fmt = answer_format_for(policy)
+    dataset = grpo_dataset(records, store, max_boxes=data.max_boxes, blank=data.blank_images, answer_format=fmt)
     model, processor, model_path = load_policy_for(policy, config)
     trainer = GRPOTrainer(
         model=model, reward_funcs=funcs, args=config, train_dataset=dataset, processing_class=processor, callbacks=callbacks
     )
     return _train_and_save(trainer, processor, "grpo", data, policy, config, model_path, len(records),
-                           reward_functions=[f.__name__ for f in funcs], reward_weights=weights)
+                           reward_functions=[f.__name__ for f in funcs], reward_weights=weights, **_format_info(family, fmt))
 
 
 def _train_and_save(trainer, processor, stage: str, data, policy, config, model_path, num_records: int, **extra) -> str:
