@@ -177,9 +177,10 @@ def test_propagate_through_the_server_gives_the_local_mask(server, micro_sam2, c
     local, remote = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "mask.nii.gz"))) for d in ("local", "remote"))
     assert local.any() and local.shape == (16, 101, 122)
     np.testing.assert_array_equal(remote, local)
-    record = json.loads((tmp_path / "remote" / "evidence.json").read_text())
-    assert record["anchor"]["slice"] == 8 if "anchor" in record else True
-    assert "micro.pt" in json.dumps(record)  # provenance names the server's checkpoint
+    local_record, remote_record = (json.loads((tmp_path / d / "evidence.json").read_text()) for d in ("local", "remote"))
+    assert remote_record["key_slice"] == local_record["key_slice"] == 8
+    assert remote_record["boxes"] == local_record["boxes"] and remote_record["mask"] == local_record["mask"]
+    assert remote_record["provenance"]["propagator"]["sha256"] == local_record["provenance"]["propagator"]["sha256"]  # the server's model
 
 
 def test_refusals_are_clean_and_the_server_keeps_answering(server, crop_path, tmp_path):
