@@ -87,6 +87,22 @@ def test_no_pickle_and_checked_fields():
         decode_frames(p.to_frame(p.OpenVolume("x", np.zeros((8, 8, 8), np.int16), np.eye(4))), max_array_bytes=512)
 
 
+# ------------------------------------------------------------------------------------------------ local worker
+
+
+def test_a_worker_that_cannot_start_or_dies_gives_one_clear_line(tmp_path):
+    from MedVolR1Lib.service.client import WorkerClient
+
+    state = WorkerClient(str(tmp_path / "no-python")).start(None, p.Stats()).poll()
+    assert state.done and "cannot start the model worker" in str(state.error) and "\n" not in str(state.error)
+    client = WorkerClient("/bin/false")  # starts, reads nothing, exits 1: like a worker whose imports fail
+    job = client.start(None, p.Stats())
+    assert job.wait(30)
+    state = job.poll()
+    assert isinstance(state.error, p.WorkerCrashed) and "exit code 1" in str(state.error), state.error
+    assert not client.alive
+
+
 # ------------------------------------------------------------------------------------------- server on loopback
 
 

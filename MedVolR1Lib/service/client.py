@@ -202,11 +202,15 @@ class WorkerClient(ServiceClient):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBRARY_ROOT), env.get("PYTHONPATH", "")]))
         log = tempfile.NamedTemporaryFile(prefix="medvolr1-worker-", suffix=".log", dir=self._log_dir, delete=False)
-        process = subprocess.Popen(
-            [self.python, "-m", "MedVolR1Lib.service.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, bufsize=0,
-        )
-        log.close()
+        try:
+            process = subprocess.Popen(
+                [self.python, "-m", "MedVolR1Lib.service.worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, bufsize=0,
+            )
+        except OSError as exc:
+            raise p.ServiceError(f"cannot start the model worker with {self.python}: {exc.strerror or exc}", "WorkerStartError") from None
+        finally:
+            log.close()
         self._transport = PipeTransport(process, log.name)
         self.starts += 1
 
