@@ -243,3 +243,43 @@ def test_a_public_address_needs_a_token(capsys):
     assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "refusing to listen on 0.0.0.0 without a token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_panel_session_runs_on_the_server(server, micro_sam2, crop_path):
+    """The Slicer session with a Server set: Segment from an evidence ROI, then a drag re-propagates on the server
+    without re-encoding; the segment equals the local pipeline's mask."""
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(ROOT / "MedVolR1"))
+    from MedVolR1SlicerGlue import mrml_mapping as mm
+    from MedVolR1SlicerGlue.session import EvidenceSession
+    from MedVolR1SlicerGlue.settings import PanelSettings
+
+    from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+    from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(crop_path))
+    assert storage.ReadData(node)
+    volume = mm.volume_from_node(node)
+    anchor = EvidenceAnchor(8, (VoxelBox.from_voxels(70, 41, 88, 60),))
+    rois = mm.place_evidence_rois(scene, node, volume, anchor)
+    settings = PanelSettings(server_url=server["url"], server_token_file=str(server["token_file"]))
+    session = EvidenceSession(scene)
+    session.start_segment(node, "left kidney", settings)
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "ok", outcome.message
+    config = PipelineConfig(propagator="medsam2", sam_checkpoint=str(micro_sam2[0]), sam_overrides=micro_sam2[1], device="cpu")
+    local = Pipeline(config).propagate(volume, anchor).mask
+    np.testing.assert_array_equal(session.result.mask, local)
+    np.testing.assert_array_equal(mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(local))
+    encoded = session.worker_stats()["encoded_slices"]
+    assert encoded >= volume.num_slices
+    center, _ = mm.roi_center_size(rois[0])
+    rois[0].SetCenter(center[0], center[1], center[2] + volume.spacing[2])
+    session.on_roi_edited(rois[0], settings)
+    moved = session.wait(timeout=300)
+    assert moved.status == "ok" and moved.anchor.slice_index == 9, moved.message
+    assert session.worker_stats()["encoded_slices"] == encoded  # the server kept the features
+    session.runner.shutdown()
