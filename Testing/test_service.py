@@ -87,6 +87,22 @@ def test_no_pickle_and_checked_fields():
         decode_frames(p.to_frame(p.OpenVolume("x", np.zeros((8, 8, 8), np.int16), np.eye(4))), max_array_bytes=512)
 
 
+# ------------------------------------------------------------------------------------------------ local worker
+
+
+def test_a_worker_that_cannot_start_or_dies_gives_one_clear_line(tmp_path):
+    from MedVolR1Lib.service.client import WorkerClient
+
+    state = WorkerClient(str(tmp_path / "no-python")).start(None, p.Stats()).poll()
+    assert state.done and "cannot start the model worker" in str(state.error) and "\n" not in str(state.error)
+    client = WorkerClient("/bin/false")  # starts, reads nothing, exits 1: like a worker whose imports fail
+    job = client.start(None, p.Stats())
+    assert job.wait(30)
+    state = job.poll()
+    assert isinstance(state.error, p.WorkerCrashed) and "exit code 1" in str(state.error), state.error
+    assert not client.alive
+
+
 # ------------------------------------------------------------------------------------------- server on loopback
 
 
@@ -177,9 +193,10 @@ def test_propagate_through_the_server_gives_the_local_mask(server, micro_sam2, c
     local, remote = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "mask.nii.gz"))) for d in ("local", "remote"))
     assert local.any() and local.shape == (16, 101, 122)
     np.testing.assert_array_equal(remote, local)
-    record = json.loads((tmp_path / "remote" / "evidence.json").read_text())
-    assert record["anchor"]["slice"] == 8 if "anchor" in record else True
-    assert "micro.pt" in json.dumps(record)  # provenance names the server's checkpoint
+    local_record, remote_record = (json.loads((tmp_path / d / "evidence.json").read_text()) for d in ("local", "remote"))
+    assert remote_record["key_slice"] == local_record["key_slice"] and local_record["key_slice"]["canonical_k"] == 8
+    assert remote_record["boxes"] == local_record["boxes"] and remote_record["mask"] == local_record["mask"]
+    assert remote_record["provenance"]["propagator"]["sha256"] == local_record["provenance"]["propagator"]["sha256"]  # the server's model
 
 
 def test_refusals_are_clean_and_the_server_keeps_answering(server, crop_path, tmp_path):
@@ -226,3 +243,43 @@ def test_a_public_address_needs_a_token(capsys):
     assert main(["serve", "--host", "0.0.0.0", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "refusing to listen on 0.0.0.0 without a token" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_panel_session_runs_on_the_server(server, micro_sam2, crop_path):
+    """The Slicer session with a Server set: Segment from an evidence ROI, then a drag re-propagates on the server
+    without re-encoding; the segment equals the local pipeline's mask."""
+    slicer = pytest.importorskip("slicer")
+    sys.path.insert(0, str(ROOT / "MedVolR1"))
+    from MedVolR1SlicerGlue import mrml_mapping as mm
+    from MedVolR1SlicerGlue.session import EvidenceSession
+    from MedVolR1SlicerGlue.settings import PanelSettings
+
+    from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+    from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
+
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(crop_path))
+    assert storage.ReadData(node)
+    volume = mm.volume_from_node(node)
+    anchor = EvidenceAnchor(8, (VoxelBox.from_voxels(70, 41, 88, 60),))
+    rois = mm.place_evidence_rois(scene, node, volume, anchor)
+    settings = PanelSettings(server_url=server["url"], server_token_file=str(server["token_file"]))
+    session = EvidenceSession(scene)
+    session.start_segment(node, "left kidney", settings)
+    outcome = session.wait(timeout=300)
+    assert outcome.status == "ok", outcome.message
+    config = PipelineConfig(propagator="medsam2", sam_checkpoint=str(micro_sam2[0]), sam_overrides=micro_sam2[1], device="cpu")
+    local = Pipeline(config).propagate(volume, anchor).mask
+    np.testing.assert_array_equal(session.result.mask, local)
+    np.testing.assert_array_equal(mm.segment_array(scene, session.segmentation_node, outcome.segment_id, node), volume.to_source_array(local))
+    encoded = session.worker_stats()["encoded_slices"]
+    assert encoded >= volume.num_slices
+    center, _ = mm.roi_center_size(rois[0])
+    rois[0].SetCenter(center[0], center[1], center[2] + volume.spacing[2])
+    session.on_roi_edited(rois[0], settings)
+    moved = session.wait(timeout=300)
+    assert moved.status == "ok" and moved.anchor.slice_index == 9, moved.message
+    assert session.worker_stats()["encoded_slices"] == encoded  # the server kept the features
+    session.runner.shutdown()

@@ -28,6 +28,7 @@ from MedVolR1SlicerGlue.settings import PanelSettings, check_settings  # noqa: E
 
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox  # noqa: E402
 from MedVolR1Lib.errors import AnchorError, CheckpointError, DeviceError, VolumeError  # noqa: E402
+from MedVolR1Lib.fixtures.gil_main_thread import polls_until_done  # noqa: E402
 from MedVolR1Lib.readers import load_volume  # noqa: E402
 
 
@@ -590,33 +591,10 @@ def test_find_evidence_segment_drag_repropagate(scene, sample_volume, kidney_cas
 
 # ------------------------------------------------- Slicer's GIL: the worker runs at full speed while the GUI idles
 
-_LIBC = None
-
-
-def _hold_gil(seconds: float) -> None:
-    """What Qt's idle event loop does inside Slicer: sleep in C++ *without* releasing the GIL (PyDLL keeps it)."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        _LIBC = ctypes.PyDLL(ctypes.util.find_library("c"))
-    _LIBC.usleep(int(seconds * 1e6))
-
-
-def _polls_until_done(done, hold_gil: bool, limit: int = 3000) -> int:
-    """100 ms polls (the panel's QTimer) until done(); between polls the main thread holds the GIL or sleeps."""
-    polls = 0
-    while not done() and polls < limit:
-        polls += 1
-        _hold_gil(0.1) if hold_gil else time.sleep(0.1)
-    return polls
-
-
 def _session_polls(session, start, hold_gil: bool):
     start()
     outcomes = []
-    polls = _polls_until_done(lambda: bool(outcomes.append(session.poll()) or outcomes[-1] is not None), hold_gil)
+    polls = polls_until_done(lambda: bool(outcomes.append(session.poll()) or outcomes[-1] is not None), hold_gil)
     assert outcomes[-1] is not None and outcomes[-1].status == "ok", outcomes[-1] and outcomes[-1].message
     return polls
 
@@ -633,9 +611,9 @@ def test_the_harness_starves_a_python_thread_as_slicer_does():
 
     idle, held = threading.Event(), threading.Event()
     threading.Thread(target=spin, args=(idle,), daemon=True).start()
-    idle_polls = _polls_until_done(idle.is_set, hold_gil=False)
+    idle_polls = polls_until_done(idle.is_set, held=False)
     threading.Thread(target=spin, args=(held,), daemon=True).start()
-    held_polls = _polls_until_done(held.is_set, hold_gil=True, limit=3 * idle_polls + 3)
+    held_polls = polls_until_done(held.is_set, held=True, limit=3 * idle_polls + 3)
     assert held_polls >= 3 * idle_polls + 3 and not held.is_set(), (idle_polls, held_polls)
     held.wait(60)  # let it finish before the next test
 

@@ -22,6 +22,7 @@ from .framing import Frame, FrameReader
 from .jobs import Job, Transport, run_blocking
 
 _CHUNK = 1 << 20
+_SELECT_WORKS_ON_PIPES = os.name != "nt"  # Windows: non-blocking pipes (Python >= 3.12) polled with short sleeps
 LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # the folder holding MedVolR1Lib, put on the worker's path
 
 
@@ -33,7 +34,7 @@ def default_python(configured: str = "") -> str:
 
 
 class PipeTransport(Transport):
-    """Non-blocking stdin/stdout pipes of the worker process (POSIX select)."""
+    """Non-blocking stdin/stdout pipes of the worker process (select() on POSIX, short sleeps on Windows)."""
 
     def __init__(self, process: subprocess.Popen, log_path: str) -> None:
         self.process, self.log_path = process, log_path
@@ -52,7 +53,11 @@ class PipeTransport(Transport):
         deadline = time.monotonic() + max_wait
         wait = 0.0
         while not self.closed:
-            readable, writable, _ = select.select([self._r], [self._w] if self._out else [], [], wait)
+            if _SELECT_WORKS_ON_PIPES:
+                readable, writable, _ = select.select([self._r], [self._w] if self._out else [], [], wait)
+            else:
+                time.sleep(min(wait, 0.005))
+                readable, writable = [self._r], [self._w] if self._out else []
             moved = False
             if writable:
                 try:
@@ -197,11 +202,15 @@ class WorkerClient(ServiceClient):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(LIBRARY_ROOT), env.get("PYTHONPATH", "")]))
         log = tempfile.NamedTemporaryFile(prefix="medvolr1-worker-", suffix=".log", dir=self._log_dir, delete=False)
-        process = subprocess.Popen(
-            [self.python, "-m", "MedVolR1Lib.service.worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, bufsize=0,
-        )
-        log.close()
+        try:
+            process = subprocess.Popen(
+                [self.python, "-m", "MedVolR1Lib.service.worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, bufsize=0,
+            )
+        except OSError as exc:
+            raise p.ServiceError(f"cannot start the model worker with {self.python}: {exc.strerror or exc}", "WorkerStartError") from None
+        finally:
+            log.close()
         self._transport = PipeTransport(process, log.name)
         self.starts += 1
 
