@@ -197,7 +197,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.removeObservers()
         if self.logic is not None:
-            self.logic.session.cancel()
+            self.logic.shutdown()
         if self._watcher is not None:
             self._watcher.clear()
         if self._pollTimer is not None:
@@ -558,8 +558,13 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
         return MedVolR1ParameterNode(super().getParameterNode())
 
     def resetSession(self) -> None:
+        self.session.cancel()  # the warm model worker is kept: its caches are keyed by volume, not by scene
+        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory, runner=self.session.runner)
+
+    def shutdown(self) -> None:
+        """Stop the model worker process (module cleanup); the next run starts a fresh one."""
         self.session.cancel()
-        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory)
+        self.session.runner.shutdown()
 
     @staticmethod
     def settingsFrom(parameterNode) -> PanelSettings:
@@ -873,6 +878,19 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         from MedVolR1Lib.pipeline import target_name_from_query
 
         logic = MedVolR1Logic(self._pipelineFactory(workdir, volume, answer))
+        try:
+            self._runFlow(logic, volumeNode, volume, expected, answer)
+        finally:
+            logic.shutdown()  # the worker holds files in workdir open
+
+    def _runFlow(self, logic, volumeNode, volume, expected, answer):
+        import time
+
+        import numpy as np
+
+        from MedVolR1Lib.anchor import box_ras_bounds
+        from MedVolR1Lib.pipeline import target_name_from_query
+
         settings = PanelSettings()
 
         # 1. Find evidence: the model's answer becomes the reasoning text and one ROI per box on the key slice.
@@ -905,8 +923,7 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
         self.assertEqual(int(segmentArray.sum()), logic.session.result.voxel_count)
         self.assertEqual(outcome.voxels, logic.session.result.voxel_count)
-        propagator = logic.session._pipeline(settings).propagator
-        encoded = propagator.encoded_frames
+        encoded = logic.session.worker_stats(settings)["encoded_slices"]
 
         # 3. The user drags Evidence 1 one slice up (end of interaction, through the real Qt timer): one re-propagation.
         self.delayDisplay("Moving the evidence box: re-propagation")
@@ -921,7 +938,7 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
         outcome = logic.session.wait(3600)
         self.assertEqual(outcome.status, "ok", outcome.message)
         self.assertEqual(logic.session.result.anchor.slice_index, expected.slice_index + 1)
-        self.assertEqual(propagator.encoded_frames, encoded)  # cached image features re-used, nothing re-encoded
+        self.assertEqual(logic.session.worker_stats(settings)["encoded_slices"], encoded)  # cached features re-used
         self.assertEqual(segmentation.GetNumberOfSegments(), 1)
         segmentArray = slicer.util.arrayFromSegmentBinaryLabelmap(outcome.segmentation_node, outcome.segment_id, volumeNode)
         self.assertEqual(int(segmentArray.sum()), logic.session.result.voxel_count)

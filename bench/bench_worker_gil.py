@@ -22,7 +22,8 @@ from pathlib import Path
 
 def crop(slices: int, shift: int):
     from MedVolR1Lib.sample_data import fetch_sample
-    from MedVolR1Lib.volume import Volume, load_volume
+    from MedVolR1Lib.readers import load_volume
+    from MedVolR1Lib.volume import Volume
 
     full = load_volume(fetch_sample().ct_path)
     k0 = 88 - slices // 2

@@ -183,7 +183,7 @@ def compare_options(args) -> int:
     from MedVolR1Lib.propagation.oracle import oracle_rows
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.targets import propagation_settings
-    from MedVolR1Lib.volume import load_label_map, load_volume
+    from MedVolR1Lib.readers import load_label_map, load_volume
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_bench_medsam2: CUDA is not available; use --device cpu --micro for a smoke run", file=sys.stderr)
