@@ -870,13 +870,6 @@ class MedVolR1Test(ScriptedLoadableModuleTest):
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _evidenceSegmentAndEdit(self, workdir, volumeNode, volume, answer, expected):
-        import time
-
-        import numpy as np
-
-        from MedVolR1Lib.anchor import box_ras_bounds
-        from MedVolR1Lib.pipeline import target_name_from_query
-
         logic = MedVolR1Logic(self._pipelineFactory(workdir, volume, answer))
         try:
             self._runFlow(logic, volumeNode, volume, expected, answer)
