@@ -6,6 +6,7 @@ by the library, so the library's readers and SEG writer are checked against an i
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -20,6 +21,15 @@ def write_dicom_series(image: sitk.Image, folder: Path, *, modality: str = "CT",
     uids = {"study": f"{uid_root}.2", "series": f"{uid_root}.1", "frame_of_reference": f"{uid_root}.4"}
     d = image.GetDirection()
     orientation = "\\".join(str(v) for v in (d[0], d[3], d[6], d[1], d[4], d[7]))  # row (i) then column (j) direction
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the "C" locale
+    try:
+        _write_slices(image, folder, uids, orientation, modality, uid_root)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return uids
+
+
+def _write_slices(image: sitk.Image, folder: Path, uids: dict, orientation: str, modality: str, uid_root: str) -> None:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for z in range(image.GetSize()[2]):
@@ -42,4 +52,3 @@ def write_dicom_series(image: sitk.Image, folder: Path, *, modality: str = "CT",
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
         writer.Execute(plane)
-    return uids
