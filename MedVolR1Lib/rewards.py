@@ -448,7 +448,8 @@ def make_coherence_reward(propagator: Propagator, resolve: Resolver, *, window: 
     def coherence_reward(prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any) -> list[float]:
         _check_lengths(completions, reward_target)
         cache = _TargetCache()
-        return scorer.score_many(_parse_all(completions), [cache.get(t) for t in reward_target])
+        targets = [cache.get(t) for t in reward_target]
+        return scorer.score_many(_parse_all(completions, targets), targets)
 
     coherence_reward.scorer = scorer  # type: ignore[attr-defined]
     return coherence_reward

@@ -123,7 +123,7 @@ def test_model_boxes_are_clipped_and_the_clipping_recorded(sample_volume, tmp_pa
     mask = np.zeros(sample_volume.shape, np.uint8)
     mask[60, 40:50, 40:50] = 1
     result = SegmentationResult(sample_volume, anchor, mask, query="q", grounding=grounding)
-    cli._finish(result, SimpleNamespace(out=str(tmp_path / "out"), image_size=448), Pipeline(), None)
+    cli._finish(result, SimpleNamespace(out=str(tmp_path / "out"), image_size=448, formats=None), Pipeline().describe(), None)
     record = json.loads((tmp_path / "out" / "evidence.json").read_text())
     clipped = record["provenance"]["input_adjustments"]["model_boxes_clipped"]
     assert [c["box"] for c in clipped] == [1]  # box 2 lay inside: not listed
