@@ -176,17 +176,23 @@ def batch_settings(config, fill_nonfinite: bool = False, modality: Optional[str]
 
 
 def finished_record(folder: Path) -> Optional[dict]:
-    """The `batch` block of a row folder's evidence.json (written last, so it marks a complete row), or None."""
+    """The `batch` block of a row folder's evidence.json (written last, so it marks a complete row), or None.
+
+    None also when the mask file evidence.json names has gone (deleted by hand): the row is then redone.
+    """
     try:
         record = json.loads((folder / "evidence.json").read_text())
+        mask_file = (record.get("mask") or {}).get("file")
+        if mask_file and not (folder / mask_file).is_file():
+            return None
         return dict(record["provenance"]["batch"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def is_finished(folder: Path, row_hash: str, scan_hash: str) -> bool:
     record = finished_record(folder)
-    return bool(record) and record.get("row_sha256") == row_hash and record.get("scan_sha256") == scan_hash and (folder / "mask.nii.gz").is_file()
+    return bool(record) and record.get("row_sha256") == row_hash and record.get("scan_sha256") == scan_hash
 
 
 def failures_path(out_dir: Path, rank: int, world_size: int) -> Path:

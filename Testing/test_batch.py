@@ -93,10 +93,12 @@ def test_batch_writes_good_rows_records_the_failure_and_resumes(manifest, micro_
     assert code == 1 and (summary["written"], summary["skipped"], summary["failed"]) == (0, 2, 1)
     assert [f["name"] for f in read_failures(out)] == ["missing"]
 
-    # a changed row (here only its segment name) no longer matches its hash: that row alone is redone
+    # a changed row (here only its segment name) no longer matches its hash, a deleted mask makes its row unfinished
     manifest.write_text(manifest.read_text().replace("right kidney", "kidney R"))
+    (out / "spleen" / "mask.nii.gz").unlink()
     third = run_batch(manifest, out, pipeline=pipeline, rank=0, world_size=1, show_progress=False)
-    assert (third.written, third.skipped) == (1, 1)
+    assert (third.written, third.skipped) == (2, 0)
+    assert (out / "spleen" / "mask.nii.gz").is_file()
     assert json.loads((out / "kidney" / "evidence.json").read_text())["target_name"] == "kidney R"
     assert pipeline.propagator.encoded_frames == sample_volume.num_slices  # same scan: features still cached
 
