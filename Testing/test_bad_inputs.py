@@ -7,6 +7,7 @@ Each scan is a 24-slice crop of the real sample CT, altered the one way under te
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_user_box_outside_the_image_or_scan_is_refused(crop, tmp_path, capsys, b
                      "--out", str(tmp_path / "out"), "--propagator", "litemedsam", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert _nothing_written(tmp_path / "out")
 
 
