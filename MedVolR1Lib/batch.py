@@ -13,7 +13,9 @@ folder or 'sample'; relative paths are taken from the manifest's folder), then e
   exits with 1 when any row failed.
 - Several processes (``torchrun`` / ``accelerate launch``): each reads RANK and WORLD_SIZE, takes whole scan
   groups (balanced by row count, the same split on every rank), writes only its own row folders and its own
-  ``failures.rank{N}.csv``; `read_failures` merges them.  No locks, no communication between processes.
+  ``failures.rank{N}.csv``; `read_failures` merges them.  No locks and no shared files; at the very end the
+  ranks exchange only their failure counts, so all exit together with the same code (a launcher stops every
+  rank as soon as one exits non-zero).
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class BatchSummary:
     skipped: int = 0
     failures: list[BatchFailure] = field(default_factory=list)
     failures_path: Optional[Path] = None
+    failed_all_ranks: Optional[int] = None  # under torchrun / accelerate: failures summed over every rank
+
+    @property
+    def any_failed(self) -> bool:
+        return bool(self.failures) or bool(self.failed_all_ranks)
 
 
 def _check_name(name: str, line: int) -> None:
@@ -169,17 +176,23 @@ def batch_settings(config, fill_nonfinite: bool = False, modality: Optional[str]
 
 
 def finished_record(folder: Path) -> Optional[dict]:
-    """The `batch` block of a row folder's evidence.json (written last, so it marks a complete row), or None."""
+    """The `batch` block of a row folder's evidence.json (written last, so it marks a complete row), or None.
+
+    None also when the mask file evidence.json names has gone (deleted by hand): the row is then redone.
+    """
     try:
         record = json.loads((folder / "evidence.json").read_text())
+        mask_file = (record.get("mask") or {}).get("file")
+        if mask_file and not (folder / mask_file).is_file():
+            return None
         return dict(record["provenance"]["batch"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def is_finished(folder: Path, row_hash: str, scan_hash: str) -> bool:
     record = finished_record(folder)
-    return bool(record) and record.get("row_sha256") == row_hash and record.get("scan_sha256") == scan_hash and (folder / "mask.nii.gz").is_file()
+    return bool(record) and record.get("row_sha256") == row_hash and record.get("scan_sha256") == scan_hash
 
 
 def failures_path(out_dir: Path, rank: int, world_size: int) -> Path:
@@ -199,17 +212,20 @@ def _write_failures(path: Path, failures: Sequence[BatchFailure]) -> None:
 
 
 def read_failures(out_dir: str | os.PathLike) -> list[dict]:
-    """failures.csv and every failures.rank{N}.csv merged, without rows that have since finished."""
+    """failures.csv and every failures.rank{N}.csv merged, without rows that have since finished.
+
+    A row listed by several files (a rerun with another number of processes) appears once, from the newest file.
+    """
     out_dir = Path(out_dir)
-    merged = []
-    for path in sorted(out_dir.glob("failures*.csv")):
+    merged: dict[str, dict] = {}
+    for path in sorted(out_dir.glob("failures*.csv"), key=lambda p: p.stat().st_mtime_ns, reverse=True):
         with open(path, newline="") as handle:
             for entry in csv.DictReader(handle):
                 record = finished_record(out_dir / entry["name"])
-                if record and record.get("row_sha256") == entry.get("row_sha256"):
+                if entry["name"] in merged or (record and record.get("row_sha256") == entry.get("row_sha256")):
                     continue
-                merged.append(entry)
-    return sorted(merged, key=lambda e: int(e.get("line") or 0))
+                merged[entry["name"]] = entry
+    return sorted(merged.values(), key=lambda e: int(e.get("line") or 0))
 
 
 def one_line(exc: BaseException) -> str:
@@ -230,6 +246,34 @@ def _bind_local_gpu(device: str) -> None:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(local) % torch.cuda.device_count())
+
+
+def failures_over_ranks(local: int, world_size: int) -> Optional[int]:
+    """Sum of every rank's failure count, once all ranks are done (None when not under a launcher).
+
+    Why: torchrun and accelerate stop the other ranks as soon as one exits non-zero, so a rank with a failed
+    row must not exit 1 while others still work.  Every rank waits here for the slowest, then all exit with
+    the same code.  Only counts travel (gloo, over the launcher's rendezvous); no file is shared or locked.
+    """
+    if world_size < 2 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # waits for the slowest rank's rows
+    try:
+        total = torch.tensor([local], dtype=torch.int64)
+        dist.all_reduce(total)
+        return int(total.item())
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _row_result(pipeline, volume, row: BatchRow, image_size: int):
@@ -353,4 +397,5 @@ def run_batch(
                 bar.update(1)
             del volume
     _write_failures(summary.failures_path, summary.failures)
+    summary.failed_all_ranks = failures_over_ranks(len(summary.failures), world_size)
     return summary

@@ -194,8 +194,9 @@ def cmd_batch(args) -> int:
     summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality)
     print(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
                       "skipped": summary.skipped, "failed": len(summary.failures),
+                      "failed_all_ranks": summary.failed_all_ranks,
                       "failures": str(summary.failures_path) if summary.failures else None}, indent=2))
-    return 1 if summary.failures else 0
+    return 1 if summary.any_failed else 0
 
 
 def cmd_serve(args) -> int:

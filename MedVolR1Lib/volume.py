@@ -249,7 +249,7 @@ def check_segmentable(volume: "Volume") -> None:
     Called by the pipeline before any model runs, so a blank export never yields a silent (empty) mask.
     """
     array = volume.array
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+    if np.issubdtype(array.dtype, np.floating) and not all(np.isfinite(plane).all() for plane in array):  # slice by slice: no full-size mask
         fill_nonfinite(array, volume.name, fill=False)  # raises, naming the count
     low, high = float(array.min()), float(array.max())
     if low == high:

@@ -7,6 +7,7 @@ Each scan is a 24-slice crop of the real sample CT, altered the one way under te
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +23,7 @@ from MedVolR1Lib.pipeline import Pipeline, SegmentationResult
 from MedVolR1Lib.readers import AVAILABLE_MEMORY_ENV, estimate_load, load_volume
 from MedVolR1Lib.user_input import require_inside_volume
 from MedVolR1Lib.views import ViewGeometry
-from MedVolR1Lib.volume import oblique_angle_deg
+from MedVolR1Lib.volume import Volume, oblique_angle_deg
 
 BOX = "150,150,260,260"  # inside the 448x448 view and inside the scan
 
@@ -99,7 +100,7 @@ def test_user_box_outside_the_image_or_scan_is_refused(crop, tmp_path, capsys, b
                      "--out", str(tmp_path / "out"), "--propagator", "litemedsam", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
     assert _nothing_written(tmp_path / "out")
 
 
@@ -166,3 +167,16 @@ def test_oblique_scan_is_refused_with_its_angle(crop, tmp_path, capsys):
     with pytest.raises(VolumeError, match="oblique"):
         load_volume(scan)
     assert oblique_angle_deg(np.diag([3.0, 3.0, 3.0, 1.0])) == 0.0
+
+
+def test_pipeline_refuses_unusable_volumes_before_any_model(sample_volume):
+    """Volumes built in memory (Slicer nodes, training code) meet the same checks in the pipeline."""
+    pipeline = Pipeline()
+    anchor = EvidenceAnchor(60, (VoxelBox(40, 40, 60, 60),))
+    array = sample_volume.array.copy()
+    array[60, 50, 50] = np.nan
+    with pytest.raises(VolumeError, match="1 voxels are not finite"):
+        pipeline.propagate(Volume(array=array, ijk_to_ras=sample_volume.ijk_to_ras), anchor)
+    with pytest.raises(VolumeError, match="constant image"):
+        pipeline.propagate(Volume(array=np.zeros_like(array), ijk_to_ras=sample_volume.ijk_to_ras), anchor)
+    assert pipeline._propagator is None

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 from MedVolR1Lib import batch, cli
 from MedVolR1Lib.batch import BatchRow, read_failures, read_manifest, rows_for_rank, run_batch
@@ -86,10 +93,12 @@ def test_batch_writes_good_rows_records_the_failure_and_resumes(manifest, micro_
     assert code == 1 and (summary["written"], summary["skipped"], summary["failed"]) == (0, 2, 1)
     assert [f["name"] for f in read_failures(out)] == ["missing"]
 
-    # a changed row (here only its segment name) no longer matches its hash: that row alone is redone
+    # a changed row (here only its segment name) no longer matches its hash, a deleted mask makes its row unfinished
     manifest.write_text(manifest.read_text().replace("right kidney", "kidney R"))
+    (out / "spleen" / "mask.nii.gz").unlink()
     third = run_batch(manifest, out, pipeline=pipeline, rank=0, world_size=1, show_progress=False)
-    assert (third.written, third.skipped) == (1, 1)
+    assert (third.written, third.skipped) == (2, 0)
+    assert (out / "spleen" / "mask.nii.gz").is_file()
     assert json.loads((out / "kidney" / "evidence.json").read_text())["target_name"] == "kidney R"
     assert pipeline.propagator.encoded_frames == sample_volume.num_slices  # same scan: features still cached
 
@@ -113,6 +122,31 @@ def test_ranked_failures_are_merged_on_read(manifest, micro_config, tmp_path, mo
     assert summary.rows == 1 and [f.name for f in summary.failures] == ["missing"]  # rank 0 holds the CT's two rows
     assert not (out / "kidney").exists()
     assert [f["name"] for f in read_failures(out)] == ["missing"]
+    shutil.copy(summary.failures_path, out / "failures.csv")  # a later single-process run listed it too
+    assert [f["name"] for f in read_failures(out)] == ["missing"]
+
+
+def test_torchrun_splits_the_manifest_and_all_ranks_exit_together(sample_ct, micro_config, tmp_path):
+    """The real launcher: 2 processes, whole scans per rank, one failure -> every rank exits 1 after its rows."""
+    image = sitk.ReadImage(str(sample_ct.ct_path))[:, :, 70:82]
+    for n in range(2):
+        copy = sitk.Image(image)
+        copy[0, 0, 0] = int(copy[0, 0, 0]) + n + 1  # two distinct scans
+        sitk.WriteImage(copy, str(tmp_path / f"crop{n}.nii.gz"))
+    manifest = tmp_path / "cases.csv"
+    manifest.write_text('name,scan,anchor\na,crop0.nii.gz,"6:150,150,260,260"\nb,crop1.nii.gz,"6:150,150,260,260"\n'
+                        'gone,missing.nii.gz,"6:150,150,260,260"\n')
+    overrides = [a for o in micro_config.sam_overrides for a in ("--sam-override", o)]
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc-per-node", "2", "-m",
+               "MedVolR1Lib.cli", "batch", "--manifest", str(manifest), "--out", str(tmp_path / "out"),
+               "--propagator", "medsam2", "--sam-checkpoint", micro_config.sam_checkpoint, "--device", "cpu", *overrides]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    summaries = [json.loads(block) for block in re.findall(r"^\{.*?^\}", run.stdout, flags=re.S | re.M)]
+    assert run.returncode != 0 and sorted(s["rank"] for s in summaries) == [0, 1], run.stderr[-3000:]
+    assert all(s["failed_all_ranks"] == 1 and s["world_size"] == 2 for s in summaries)
+    ranks = {json.loads((tmp_path / "out" / n / "evidence.json").read_text())["provenance"]["batch"]["rank"] for n in "ab"}
+    assert ranks == {0, 1}  # one scan per process
+    assert [f["name"] for f in read_failures(tmp_path / "out")] == ["gone"]
 
 
 @pytest.mark.parametrize(
