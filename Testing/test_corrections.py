@@ -321,3 +321,22 @@ def test_cli_several_anchors_and_extent_are_recorded(tmp_path, sample_labels, ca
     assert record["evidence"]["z_range"] == [k - 1, k + 3] and record["key_slice"]["canonical_k"] == k
     assert len(record["evidence"]["anchors_pixels"][1]["boxes"]) == len(profile.boxes(k + 2))
     assert json.loads(stdout)["reference"]["dice"] > 0.1  # 5 of the kidney's 36 slices, all inside the limit
+
+
+def test_simulated_user_boxes_the_worst_slice_or_limits_a_leak():
+    from MedVolR1Lib.propagation.simulated_user import next_correction
+    from MedVolR1Lib.targets import profile_target
+
+    gt = np.zeros(SHAPE, dtype=bool)
+    gt[8:16, 10:20, 10:20] = True
+    profile = profile_target(gt, "toy")
+    evidence = Evidence.single(EvidenceAnchor(12, tuple(profile.boxes(12))))
+    pred = gt.copy()
+    pred[8:10] = False  # missed at the bottom
+    pred[16:24, 5:25, 5:25] = True  # leaked above the top: 400 wrong voxels per slice, the worst
+    edited, action = next_correction(evidence, pred, profile)
+    assert action == "extent top 15" and edited.z_range == (0, 15) and edited.anchors == evidence.anchors
+    pred[16:] = False
+    edited, action = next_correction(edited, pred, profile)
+    assert action == "box on 8" and edited.anchor_slices == (8, 12) and edited.z_range == (0, 15)
+    assert next_correction(edited, gt, profile) is None

@@ -324,6 +324,25 @@ def test_coherence_scores_a_real_propagation_and_prepares_once_per_volume(kidney
     assert out["total"][0] == pytest.approx(w.format + w.slice + w.grounding * out["grounding"][0] + w.coherence)
 
 
+def test_coherence_scores_a_group_together_and_caps_the_boxes(kidneys_case):
+    """The group goes to `propagate_many` in one call (lockstep backends track it together); an answer with
+    more boxes than the target's max_boxes scores 0 and is not propagated."""
+    volume, label_map, sample, resolve = kidneys_case
+    propagator = GTSlabPropagator(label_map > 0)
+    batches = []
+    original = propagator.propagate_many
+    propagator.propagate_many = lambda evidences, **kw: batches.append(len(evidences)) or original(evidences, **kw)
+    scorer = CoherenceScorer(propagator, resolve, window=2)
+    target = sample.reward_target(max_boxes=2)
+    k = sample.key_slice
+    too_many = _answer(k, list(sample.boxes_pixel) + [[1, 1, 4, 4]])
+    group = [sample.answer_text("x")] * 3 + [too_many]
+    scores = scorer.score_many([parse_answer(c) for c in group], [target] * 4)
+    assert scores[:3] == [pytest.approx(1.0)] * 3 and scores[3] == 0.0
+    assert batches == [3] and propagator.propagations == 3
+    assert scores == [scorer.score(parse_answer(c), target) for c in group]
+
+
 def test_coherence_trl_function_and_full_volume(kidneys_case):
     volume, label_map, sample, resolve = kidneys_case
     propagator = GTSlabPropagator(label_map > 0)

@@ -59,6 +59,11 @@ def render(plain, extent, *, command: str, machine: str, seconds: float, describ
     return "\n".join(lines)
 
 
+def _write_json(path, runs, atomic_write) -> None:
+    data = {"plain": [c.as_dict() for c in runs[False]], "extent_first": [c.as_dict() for c in runs[True]]}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/corrections_litemedsam.md")
@@ -85,11 +90,17 @@ def main(argv=None) -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     propagator = LiteMedSAMPropagator(precision=args.precision, between=args.between)
     t0 = time.perf_counter()
-    runs = {}
-    for extent_first in (False, True):
-        runs[extent_first] = correction_curves(
-            propagator, volume, labels, sample.label_names, targets, corrections=args.corrections, extent_first=extent_first,
-            progress=lambda f, m: print(f"[{f:4.0%}] {m}", flush=True))
+    runs: dict = {False: [], True: []}
+    for n, name in enumerate(targets):  # both variants per target, so partial results are complete rows
+        for extent_first in (False, True):
+            runs[extent_first] += correction_curves(propagator, volume, labels, sample.label_names, [name],
+                                                    corrections=args.corrections, extent_first=extent_first)
+            curve = runs[extent_first][-1]
+            print(f"[{n + 1}/{len(targets)}] {name} {'extent first' if extent_first else 'boxes'}: Dice "
+                  + " ".join(f"{d:.3f}" for d in curve.dice) + f" ({'; '.join(curve.actions)}) "
+                  f"{sum(curve.seconds):.0f} s", flush=True)
+        if args.json:
+            _write_json(args.json, runs, atomic_write)
     seconds = time.perf_counter() - t0
 
     out = Path(args.out)
@@ -103,9 +114,6 @@ def main(argv=None) -> int:
     report = render(runs[False], runs[True], command=command, machine=_machine(), seconds=seconds,
                     describe=propagator.describe(), notes=notes)
     atomic_write(out, lambda tmp: Path(tmp).write_text(report))
-    if args.json:
-        data = {"plain": [c.as_dict() for c in runs[False]], "extent_first": [c.as_dict() for c in runs[True]]}
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
     print(report)
     return 0
 

@@ -85,7 +85,7 @@ def bench_repropagation(half_range: int) -> None:
     print(f"    without reuse of decoded prompts: re-propagation {t_plain:.2f} s, ratio {t_first / max(t_plain, 1e-9):.1f}x")
 
 
-def bench_correction(target: str = "vertebrae_L3") -> None:
+def bench_correction(target: str = "vertebrae_L3", half_range: int = 10) -> None:
     from MedVolR1Lib.anchor import EvidenceAnchor
     from MedVolR1Lib.evidence import Evidence
     from MedVolR1Lib.metrics import dice
@@ -95,20 +95,23 @@ def bench_correction(target: str = "vertebrae_L3") -> None:
     volume, profile = _kidney(target)
     k = profile.key_slice
     one = Evidence.single(EvidenceAnchor(k, tuple(profile.boxes(k))))
+    rng = (k - half_range, k + half_range)
     prop = LiteMedSAMPropagator()
     prop.prepare(volume)
     t0 = time.perf_counter()
-    first = prop.propagate(one)
+    first = prop.propagate(one, slice_range=rng)
     t_first = time.perf_counter() - t0
-    two, action = next_correction(one, first > 0, profile)
+    inside = np.zeros_like(first)
+    inside[rng[0] : rng[1] + 1] = 1
+    two, action = next_correction(one, (first > 0) | (inside == 0) & profile.mask, profile)  # errors inside the range only
     t0 = time.perf_counter()
-    corrected = prop.propagate(two)
+    corrected = prop.propagate(two, slice_range=rng)
     t_correction = time.perf_counter() - t0
     prop.reuse = False
     t0 = time.perf_counter()
-    full = prop.propagate(two)
+    full = prop.propagate(two, slice_range=rng)
     t_full = time.perf_counter() - t0
-    print(f"[5] {target}: first propagation {t_first:.2f} s ({prop.stats.encoded_slices} slices encoded); correction '{action}': "
+    print(f"[5] {target}, slices {rng[0]}-{rng[1]}: first propagation {t_first:.2f} s ({prop.stats.encoded_slices} slices encoded); correction '{action}': "
           f"{t_correction:.2f} s with reuse vs {t_full:.2f} s full re-propagation (embeddings cached in both)")
     print(f"    ratio full re-propagation / one added correction = {t_full / max(t_correction, 1e-9):.1f}x "
           f"(masks agree: Dice {dice(corrected, full):.4f}); Dice vs reference {dice(first > 0, profile.mask):.3f} -> "
