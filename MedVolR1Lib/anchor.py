@@ -331,12 +331,15 @@ def _read_native(payload: list, text: str, body: str, think: str) -> ParseResult
         if isinstance(part, ParseFailure):
             return ParseFailure("box_not_four_numbers", text)
         boxes.extend(part)
-    named = {item.get("slice") for item in payload if "slice" in item}
+    given = [item.get("slice") for item in payload if "slice" in item]
+    if not all(_is_slice(k) for k in given):
+        return ParseFailure("slice_not_integer", text)
+    named = set(given)
     if not named:
         outside = text.replace(body, " ")
         named = {int(m) for m in _SLICE_MENTION_RE.findall(outside)}
         named |= {int(m) for item in payload for m in _SLICE_MENTION_RE.findall(str(item.get("label", "")))}
-    if len(named) != 1 or not _is_slice(next(iter(named))):
+    if len(named) != 1:
         return ParseFailure("no_slice" if not named else "several_slices", text)
     return ParsedAnswer(int(next(iter(named))), tuple(boxes), think=think, has_think=bool(think), schema="native")
 

@@ -71,6 +71,9 @@ def test_lenient_mode_reads_what_instruct_models_write(text, k):
 def test_lenient_mode_refuses_native_json_without_a_slice():
     assert parse_answer('[{"bbox_2d": [1, 2, 3, 4], "label": "liver"}]', lenient=True).reason == "no_slice"
     assert parse_answer('slice 3 or slice 4: [{"bbox_2d": [1, 2, 3, 4]}]', lenient=True).reason == "several_slices"
+    for bad in ("[1]", "{}", '"4"', "4.5", "true", "1e999"):
+        text = f'[{{"bbox_2d": [1, 2, 3, 4], "slice": {bad}}}]'
+        assert parse_answer(text, lenient=True).reason == "slice_not_integer", bad
 
 
 @pytest.mark.parametrize("fmt", [AnswerFormat(), PAPER], ids=lambda f: f.spec)

@@ -24,7 +24,7 @@ TARGET = RewardTarget(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.sampled_from(["slice", "boxes", "x"]) | st.text(max_size=4), children, max_size=4),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.sampled_from(["slice", "boxes", "bbox_2d_list", "bbox_2d", "label", "x"]) | st.text(max_size=4), children, max_size=4),
     max_leaves=20,
 )
 think_text = st.text(alphabet=st.characters(blacklist_characters="<>", blacklist_categories=("Cs",)), max_size=40)
@@ -61,6 +61,8 @@ def test_any_json_payload_never_raises(payload, with_think):
         body = repr(payload)
     text = ("<think>t</think>" if with_think else "") + f"<answer>{body}</answer>"
     _check_result(parse_answer(text))
+    _check_result(parse_answer(text, lenient=True))
+    _check_result(parse_answer(f"Slice 3: {body}", lenient=True))  # untagged, as off-the-shelf models answer
 
 
 @SETTINGS

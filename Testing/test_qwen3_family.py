@@ -90,3 +90,13 @@ def test_an_adapter_is_never_used_with_another_convention(tmp_path, tiny_qwen_di
     other = _adapter(tmp_path / "b", tiny_lora_dir, family="qwen3-vl", coordinates="norm1000")
     with pytest.raises(CheckpointError, match="trained on qwen3-vl"):
         Grounder.from_pretrained(str(tiny_qwen_dir), adapter=str(other), device="cpu")
+
+
+def test_the_off_the_shelf_row_is_read_leniently_and_trained_rows_strictly(tiny_qwen3_dir):
+    from MedVolR1Lib.training.evaluate import EvalArguments, load_checkpoint
+
+    args = EvalArguments(device="cpu")
+    off_the_shelf = load_checkpoint(f"off_the_shelf={tiny_qwen3_dir}", args)
+    trained = load_checkpoint(f"sft={tiny_qwen3_dir}", args)
+    assert off_the_shelf.settings.lenient and not trained.settings.lenient
+    assert off_the_shelf.grounder.answer_format.coordinates == "norm1000"
