@@ -222,6 +222,11 @@ def test_one_grpo_step_moves_lora_toward_the_higher_reward_completion(tmp_path, 
     trainer.train()
     group = seen[0]
     assert len(set(group["rewards"])) > 1, "rewards must differ across the group for GRPO to learn"
+    # the rendered views travel with every completion of the group (the policy-side check: test_grpo_signal.py)
+    assert group["images"] is not None and len(group["images"]) == 4
+    for views in group["images"]:
+        assert len(views) == 4 and all(np.asarray(v).max() > 0 for v in views)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(views, row["images"]))
     best, worst = int(np.argmax(group["rewards"])), int(np.argmin(group["rewards"]))
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p.detach(), before[n])]
     assert changed and all("lora_" in n for n in changed)

@@ -2,7 +2,8 @@
 
     python Training/evaluate.py --config Training/configs/cpu-smoke.yaml
     python Training/evaluate.py --eval_data_dir runs/m3d --checkpoints base=Qwen/Qwen2.5-VL-7B-Instruct,sft=runs/sft,grpo=runs/grpo
-Writes report.md, results.csv, per_record.csv, summary.json and metrics.png under report_dir.
+Writes report.md (Table 1 layout: "DSC (IoU)" per dataset, NSD, per class; docs/evaluation.md), results.csv,
+per_record.csv, summary.json and metrics.png under report_dir.
 """
 
 import sys
