@@ -125,7 +125,7 @@ def evidence_record(result: SegmentationResult, geometry: ViewGeometry, provenan
                                                                               for b in a.boxes]} for a in result.evidence.anchors]},
         "reasoning": getattr(grounding, "reasoning", None),
         "raw_model_output": getattr(grounding, "raw_text", None),
-        "shown_slices": list(getattr(grounding, "shown_slices", []) or []),
+        "shown_slices": [int(k) for k in (getattr(grounding, "slices", None) or ())],
         "mask": {"voxels": result.voxel_count, "volume_ml": round(result.volume_ml, 3), "file": "mask.nii.gz"},
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "provenance": {**provenance, "packages": package_versions()},

@@ -128,6 +128,7 @@ def test_model_boxes_are_clipped_and_the_clipping_recorded(sample_volume, tmp_pa
     record = json.loads((tmp_path / "out" / "evidence.json").read_text())
     clipped = record["provenance"]["input_adjustments"]["model_boxes_clipped"]
     assert [c["box"] for c in clipped] == [1]  # box 2 lay inside: not listed
+    assert record["shown_slices"] == [60]  # the slices the model saw, from the grounding result
     assert clipped[0]["model_pixels"] == [10.0, 10.0, 900.0, 900.0] and clipped[0]["clipped_pixels"][2] <= 448
 
 
