@@ -39,7 +39,7 @@ CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 # Guards measured on the sample CT (docs/oracle_litemedsam.md); each one is switchable in TrackingRules.
 DEFAULT_RULES = TrackingRules()
 DECODE_CACHE_BYTES = 256 * 2**20  # decoded prompts kept per volume (a full-resolution bool mask each)
-WALK_CACHE_LIMIT = 4096  # distinct (key slice, box) walks kept per volume; masks are (J, I) bools per slice
+WALK_CACHE_BYTES = 256 * 2**20  # tracked walks kept per volume (their masks share arrays with the decoded prompts)
 
 
 def default_checkpoint() -> Optional[Path]:
@@ -148,7 +148,7 @@ class LiteMedSAMPropagator(Propagator):
         self.decode_batch = max(1, int(decode_batch))
         self._walks: dict[tuple, list] = {}  # (key slice, box, rules) -> [(slice range, TrackResult)] for this volume
         self._decoded: dict[tuple, tuple] = {}  # (slice, box) -> (mask, logits or None, score) for this volume
-        self._decoded_bytes = 0
+        self._decoded_bytes = self._walk_bytes = 0
         self.stats = EncoderStats()
         self._sha256: Optional[str] = None
         self._net = self._load(self.checkpoint)
@@ -209,7 +209,7 @@ class LiteMedSAMPropagator(Propagator):
         fingerprint = volume.fingerprint
         if fingerprint != self._fingerprint:
             self._embeddings = {}
-            self._walks, self._decoded, self._decoded_bytes = {}, {}, 0
+            self._walks, self._decoded, self._decoded_bytes, self._walk_bytes = {}, {}, 0, 0
             self._fingerprint = fingerprint
             resolved = resolve_window(volume.array, volume.modality, self.window)
             self._windowed = resolved.apply(volume.array)
@@ -441,10 +441,12 @@ class LiteMedSAMPropagator(Propagator):
         else:
             tracked = [track_walks(self.segment_many, [w], self._volume.shape, self.rules, on_slice)[0] for w in todo]
         done = dict(zip(todo, tracked))
-        if len(self._walks) > WALK_CACHE_LIMIT:
-            self._walks = {}
         for w, t in done.items():
+            size = sum(m.nbytes for m in t.masks.values())
+            if self._walk_bytes + size > WALK_CACHE_BYTES:
+                self._walks, self._walk_bytes = {}, 0
             self._walks.setdefault((w.key_slice, w.box, self.rules), []).append((w.slice_range, t))
+            self._walk_bytes += size
         return [r if r is not None else done[w] for w, r in zip(walks, results)]
 
     def _cached_walk(self, walk: Walk) -> Optional[TrackResult]:
