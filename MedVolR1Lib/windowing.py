@@ -42,6 +42,12 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+# (low, high) in z units for M3D-Seg's z-scored arrays: the abdomen HU window mapped through the sample CT's
+# foreground mean/std (SegVol's normalisation).  Chosen over the percentile window by measurement
+# (docs/m3d_windows.md: LiteMedSAM from GT anchors, mean Dice 0.902 vs 0.849).
+ZSCORE_PRESETS: dict[str, tuple[float, float]] = {"m3d_abdomen": (-1.10, 2.03)}
+
+
 def percentile_window(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> Window:
     """Window from the foreground's percentiles (voxels above the volume minimum); for MR / z-scored data."""
     flat = np.asarray(array, dtype=np.float32).ravel()
@@ -63,11 +69,15 @@ def resolve_window(array: np.ndarray, modality: str, window: Union[None, str, Wi
     if isinstance(window, tuple):
         return Window.from_level_width(*window)
     if window is None:
-        window = "abdomen" if modality == "CT" else "percentile"
+        window = {"CT": "abdomen", "ZSCORE": "m3d_abdomen"}.get(modality, "percentile")
     if window == "percentile":
         return percentile_window(array)
+    if window in ZSCORE_PRESETS:
+        if modality != "ZSCORE":
+            raise VolumeError(f"window {window!r} is for z-scored (M3D-Seg) arrays but the scan is {modality}")
+        return Window(*ZSCORE_PRESETS[window])
     if window not in CT_PRESETS:
-        raise VolumeError(f"unknown window {window!r}; choose one of {sorted(CT_PRESETS) + ['percentile']}")
+        raise VolumeError(f"unknown window {window!r}; choose one of {sorted(CT_PRESETS) + sorted(ZSCORE_PRESETS) + ['percentile']}")
     if modality != "CT":
         raise VolumeError(f"window {window!r} is a CT (HU) preset but the scan is {modality}; use 'percentile'")
     return Window.from_level_width(*CT_PRESETS[window])
