@@ -22,7 +22,7 @@ What the files do NOT store, and what we assume (all overridable):
   ("RAS": X -> Right, Y -> Anterior, Z -> Superior, nibabel convention).  This is an assumption, not a verified
   fact, so every dataset ships with ``orientation_verified=False`` and the VRS sample builder must not generate
   laterality queries ("left kidney") for it until someone checks a case visually and flips the flag.
-- Modality "ZSCORE": the windowing module uses a percentile window, never HU presets.
+- Modality "ZSCORE": never HU presets; the default window is the fixed z window `m3d_abdomen` (docs/m3d_windows.md).
 """
 
 from __future__ import annotations

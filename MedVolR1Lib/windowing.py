@@ -44,6 +44,12 @@ CT_PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
+# (low, high) in z units for M3D-Seg's z-scored arrays: the abdomen HU window mapped through the sample CT's
+# foreground mean/std (SegVol's normalisation).  Chosen over the percentile window by measurement
+# (docs/m3d_windows.md: LiteMedSAM from GT anchors, mean Dice 0.902 vs 0.849).
+ZSCORE_PRESETS: dict[str, tuple[float, float]] = {"m3d_abdomen": (-1.10, 2.03)}
+
+
 # Target name -> CT preset, by the tissue the target is made of; first match wins, the rest get "abdomen".
 # Names are label names or query keys (TotalSegmentator spelling: lung_lower_lobe_left, vertebrae_L3, rib_left_3).
 # Matched against whole words of the name (split at "_", "-", spaces), by prefix ("rib" matches "ribs", not
@@ -92,11 +98,15 @@ def resolve_window(array: np.ndarray, modality: str, window: Union[None, str, Wi
     if isinstance(window, tuple):
         return Window.from_level_width(*window)
     if window is None:
-        window = "abdomen" if modality == "CT" else "percentile"
+        window = {"CT": "abdomen", "ZSCORE": "m3d_abdomen"}.get(modality, "percentile")
     if window == "percentile":
         return percentile_window(array)
+    if window in ZSCORE_PRESETS:
+        if modality != "ZSCORE":
+            raise VolumeError(f"window {window!r} is for z-scored (M3D-Seg) arrays but the scan is {modality}")
+        return Window(*ZSCORE_PRESETS[window])
     if window not in CT_PRESETS:
-        raise VolumeError(f"unknown window {window!r}; choose one of {sorted(CT_PRESETS) + ['percentile']}")
+        raise VolumeError(f"unknown window {window!r}; choose one of {sorted(CT_PRESETS) + sorted(ZSCORE_PRESETS) + ['percentile']}")
     if modality != "CT":
         raise VolumeError(f"window {window!r} is a CT (HU) preset but the scan is {modality}; use 'percentile'")
     return Window.from_level_width(*CT_PRESETS[window])

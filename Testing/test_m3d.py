@@ -175,3 +175,19 @@ def test_an_undecidable_case_is_refused_naming_it_and_a_given_axis_loads_it(tmp_
         load_m3d_image(folder)
     volume = load_m3d_image(folder, axial_axis=0)
     assert volume.shape == (9, 10, 11)
+
+
+def test_m3d_window_on_segvol_z_scores_reproduces_the_hu_abdomen_window_on_the_sample_ct(sample_volume):
+    from MedVolR1Lib.errors import VolumeError
+    from MedVolR1Lib.m3d import segvol_normalise
+    from MedVolR1Lib.windowing import resolve_window
+
+    z = segvol_normalise(sample_volume.array)
+    assert abs(float(z[z > z.mean()].mean())) < 0.2  # z-scored foreground (clipping shifts it slightly)
+    chosen = resolve_window(z, "ZSCORE")  # the default for M3D-Seg arrays (docs/m3d_windows.md)
+    assert (chosen.low, chosen.high) == (-1.10, 2.03)
+    hu = resolve_window(sample_volume.array, "CT", "abdomen").apply(sample_volume.array)
+    assert float(np.abs(chosen.apply(z) - hu).mean()) < 0.01
+    assert float(np.abs(resolve_window(z, "ZSCORE", "percentile").apply(z) - hu).mean()) > 0.03  # what it replaced
+    with pytest.raises(VolumeError, match="z-scored"):
+        resolve_window(sample_volume.array, "CT", "m3d_abdomen")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 DEFAULT_TARGETS = ("kidney_right", "kidney_left", "spleen", "gallbladder", "liver")
+CHOICE_HEADING = "## Choice"  # hand-written reading of the numbers, kept when the table is regenerated
 
 
 def main(argv=None) -> int:
@@ -76,8 +77,10 @@ def main(argv=None) -> int:
         delta = float(np.mean([rows[t].dice - reference[t].dice for t in targets]))
         lines.append(f"| {name} | [{window.low:.2f}, {window.high:.2f}] | " + " | ".join(f"{rows[t].dice:.3f}" for t in targets)
                      + f" | {mean_dice:.3f} | {delta:+.3f} |")
-    lines.append("")
-    atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    out = Path(args.out)
+    kept = out.read_text() if out.is_file() else ""
+    lines += ["", kept[kept.index(CHOICE_HEADING):].strip() if CHOICE_HEADING in kept else f"{CHOICE_HEADING}\n\n(not written yet)", ""]
+    atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     print("\n".join(lines))
     return 0
 
