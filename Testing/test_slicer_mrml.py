@@ -21,6 +21,7 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedVolR1"))
 
+from MedVolR1SlicerGlue import evidence_edits  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
 from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
 from MedVolR1SlicerGlue.session import BusyError, EvidenceSession, QueryError  # noqa: E402
@@ -157,7 +158,7 @@ def test_anchor_roi_anchor_round_trip(scene, ct_nodes, variant, anchor):
     rois = mm.place_evidence_rois(scene, node, volume, anchor, mm.evidence_rois(scene, node))
     assert [r.GetName() for r in rois] == [f"Evidence {n}" for n in range(1, len(anchor.boxes) + 1)]
     assert mm.evidence_rois(scene, node) == rois
-    back = mm.anchor_from_rois(volume, rois)
+    back = evidence_edits.evidence_from_rois(volume, rois).primary
     assert back.slice_index == anchor.slice_index
     for got, want in zip(back.boxes, anchor.boxes):
         np.testing.assert_allclose(got.as_list(), want.as_list(), atol=1e-6)
@@ -189,27 +190,27 @@ def test_rois_are_identical_in_ras_for_every_storage_order(scene, ct_nodes):
             np.testing.assert_allclose(got.size, want.size, atol=1e-6, err_msg=variant)
 
 
-def test_edited_rois_move_to_the_key_roi_slice_and_are_clipped(scene, ct_nodes):
+def test_edited_rois_move_to_the_key_roi_slice_and_off_scan_boxes_are_refused(scene, ct_nodes):
     node = ct_nodes["as_read"]
     volume = mm.volume_from_node(node)
     rois = mm.place_evidence_rois(scene, node, volume, ANCHORS[0], mm.evidence_rois(scene, node))
     center, _ = mm.roi_center_size(rois[1])
     rois[1].SetCenter(center[0], center[1], center[2] + 2 * volume.spacing[2])  # the user drags box 2 up 2 slices
-    anchor = mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+    anchor = evidence_edits.evidence_from_rois(volume, rois, key_roi=rois[1]).primary
     assert anchor.slice_index == ANCHORS[0].slice_index + 2
     assert anchor.boxes[0].voxel_range(volume.shape[1:]) == ANCHORS[0].boxes[0].voxel_range(volume.shape[1:])
     box_center = volume.ras_from_ijk([0.0, 50.0, ANCHORS[0].slice_index])  # box 1 dragged half off the left edge
     rois[0].SetCenter(*box_center)
-    clipped = mm.anchor_from_rois(volume, rois, key_roi=rois[1])
-    assert clipped.boxes[0].i0 == 0.0 and clipped.boxes[0].i1 == pytest.approx(10.5)  # 20 voxels centred on voxel 0 (edge 0.5)
+    with pytest.raises(AnchorError, match=rf"reaches outside the {volume.shape[2]}x{volume.shape[1]}-voxel slice"):
+        evidence_edits.evidence_from_rois(volume, rois, key_roi=rois[1])  # user boxes are never clipped silently
     rois[0].SetCenter(*volume.ras_from_ijk([-500.0, -500.0, ANCHORS[0].slice_index]))  # dragged off the scan
     with pytest.raises(AnchorError, match="outside"):
-        mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+        evidence_edits.evidence_from_rois(volume, rois, key_roi=rois[1])
     rois[1].SetCenter(*volume.ras_from_ijk([60.0, 50.0, -40.0]))
     with pytest.raises(AnchorError, match="out of range"):
-        mm.anchor_from_rois(volume, rois, key_roi=rois[1])
+        evidence_edits.evidence_from_rois(volume, rois, key_roi=rois[1])
     with pytest.raises(AnchorError, match="no evidence boxes"):
-        mm.anchor_from_rois(volume, [])
+        evidence_edits.evidence_from_rois(volume, [])
 
 
 # ------------------------------------------------------------------------------------------- mask <-> segment

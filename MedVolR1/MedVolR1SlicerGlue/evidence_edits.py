@@ -21,6 +21,7 @@ from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
 from MedVolR1Lib.errors import AnchorError
 from MedVolR1Lib.evidence import Evidence
 from MedVolR1Lib.evidence_history import EvidenceHistory, EvidenceVersion
+from MedVolR1Lib.user_input import require_inside_volume
 from MedVolR1Lib.volume import Volume
 
 from . import mrml_mapping as mm
@@ -66,7 +67,7 @@ def evidence_from_rois(volume: Volume, rois: Sequence, key_roi=None, z_range: Op
 
     The anchor holding `key_roi` (the box the user moved last) takes that box's slice; its other boxes
     follow.  Two anchors that end on one slice become one.  Raises AnchorError (changing nothing) when
-    a box or limit does not fit the volume.
+    a box or limit does not fit the volume (boxes are user input: checked strictly, as on the command line).
     """
     if not rois:
         raise AnchorError("no evidence boxes: run 'Find evidence', or draw a box on the key slice")
@@ -84,7 +85,7 @@ def evidence_from_rois(volume: Volume, rois: Sequence, key_roi=None, z_range: Op
         boxes[slices[number]].append(box)
     anchors = tuple(EvidenceAnchor(k, tuple(b)) for k, b in boxes.items())
     evidence = Evidence(anchors, tuple(int(v) for v in z_range) if z_range is not None else None)  # type: ignore[arg-type]
-    return evidence.validate(volume.shape).clipped(volume.shape)
+    return require_inside_volume(evidence, volume.shape)  # a box dragged off the scan is an error, never clipped
 
 
 def scene_evidence(scene, volume_node, volume: Volume, key_roi=None) -> Evidence:

@@ -199,21 +199,6 @@ def place_evidence_rois(scene, volume_node, volume: Volume, evidence: "Evidence 
     return rois
 
 
-def anchor_from_rois(volume: Volume, rois: Sequence, key_roi=None) -> EvidenceAnchor:
-    """The anchor the ROIs show now; the key slice is the one of `key_roi` (the ROI the user moved last).
-
-    Boxes of the other ROIs keep their in-plane extent and move to that slice: the anchor has one key slice.
-    """
-    if not rois:
-        raise AnchorError("no evidence boxes: run 'Find evidence' or place an ROI named 'Evidence 1' on the key slice")
-    boxes_and_slices = [box_from_roi(volume, roi) for roi in rois]
-    key_position = list(rois).index(key_roi) if key_roi is not None and key_roi in list(rois) else 0
-    key_slice = boxes_and_slices[key_position][1]
-    anchor = EvidenceAnchor(key_slice, tuple(box for box, _ in boxes_and_slices))
-    anchor.validate(volume.shape)
-    return anchor.clipped(volume.shape)
-
-
 def key_point_ras(volume: Volume, anchor: EvidenceAnchor) -> tuple[float, float, float]:
     """RAS point at the centre of the first box on the key slice: where the slice views jump to."""
     box = anchor.boxes[0]
