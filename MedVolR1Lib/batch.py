@@ -170,9 +170,11 @@ def row_sha256(row: BatchRow, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def batch_settings(config, fill_nonfinite: bool = False, modality: Optional[str] = None) -> dict:
+def batch_settings(config, fill_nonfinite: bool = False, modality: Optional[str] = None,
+                   formats: Optional[Sequence[str]] = None) -> dict:
     """The PipelineConfig fields (and load options) that change a mask; part of every row hash."""
-    return {**asdict(config), "sam_overrides": list(config.sam_overrides), "fill_nonfinite": bool(fill_nonfinite), "modality": modality}
+    return {**asdict(config), "sam_overrides": list(config.sam_overrides), "fill_nonfinite": bool(fill_nonfinite), "modality": modality,
+            **({"formats": sorted(formats)} if formats else {})}
 
 
 def finished_record(folder: Path) -> Optional[dict]:
@@ -299,6 +301,7 @@ def run_batch(
     pipeline=None,
     fill_nonfinite: bool = False,
     modality: Optional[str] = None,
+    formats: Optional[Sequence[str]] = None,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     show_progress: bool = True,
@@ -321,7 +324,7 @@ def run_batch(
     pipeline = pipeline or Pipeline(config or PipelineConfig())
     config = pipeline.config
     _bind_local_gpu(config.device)
-    settings = batch_settings(config, fill_nonfinite, modality)
+    settings = batch_settings(config, fill_nonfinite, modality, formats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = rows_for_rank(rows, rank, world_size)
@@ -387,7 +390,7 @@ def run_batch(
                         "batch": {"manifest_line": row.line, "row": row.content(), "row_sha256": row_hash,
                                   "scan_sha256": scan_hash, "rank": rank, "world_size": world_size},
                     }
-                    write_outputs(result, out / row.name, provenance, image_size=config.image_size)
+                    write_outputs(result, out / row.name, provenance, image_size=config.image_size, formats=formats)
                     summary.written += 1
                     notify(row, "written")
                 except (KeyboardInterrupt, SystemExit):

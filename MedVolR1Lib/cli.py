@@ -191,7 +191,8 @@ def cmd_batch(args) -> int:
 
     if args.reference or args.label:
         raise ValueError("--reference/--label score one scan; they are not available in batch")
-    summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality)
+    summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality,
+                        formats=args.formats)
     print(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
                       "skipped": summary.skipped, "failed": len(summary.failures),
                       "failed_all_ranks": summary.failed_all_ranks,

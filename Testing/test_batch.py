@@ -67,7 +67,8 @@ def test_batch_writes_good_rows_records_the_failure_and_resumes(manifest, micro_
     assert pipeline.propagator.encoded_frames == sample_volume.num_slices
     for name, target in (("kidney", "right kidney"), ("spleen", "spleen")):
         folder = out / name
-        assert sorted(p.name for p in folder.iterdir()) == ["evidence.json", "evidence.png", "mask.nii.gz"]
+        assert sorted(p.name for p in folder.iterdir()) == ["evidence.json", "evidence.png", "mask.nii.gz",
+                                                                "segmentation.seg.nrrd", "statistics.csv"]
         record = json.loads((folder / "evidence.json").read_text())
         assert record["target_name"] == target
         assert record["provenance"]["batch"]["row"]["name"] == name
@@ -101,6 +102,11 @@ def test_batch_writes_good_rows_records_the_failure_and_resumes(manifest, micro_
     assert (out / "spleen" / "mask.nii.gz").is_file()
     assert json.loads((out / "kidney" / "evidence.json").read_text())["target_name"] == "kidney R"
     assert pipeline.propagator.encoded_frames == sample_volume.num_slices  # same scan: features still cached
+
+    # --formats reaches every row and is part of the row hash: asking for the NIfTI only redoes both rows without a .seg.nrrd
+    fourth = run_batch(manifest, out, pipeline=pipeline, rank=0, world_size=1, show_progress=False, formats=("nifti",))
+    assert (fourth.written, fourth.skipped) == (2, 0)
+    assert (out / "kidney" / "mask.nii.gz").is_file() and not list((out / "kidney").glob("*.seg.nrrd"))
 
 
 def test_ranks_split_whole_scans_and_cover_every_row_once():
