@@ -49,7 +49,7 @@ def render(plain, extent, *, command: str, machine: str, seconds: float, describ
         f"- Command: `{command}`",
         f"- Machine: {machine}",
         f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Propagator: `{json.dumps(describe)}`",
+        f"- Propagator(s): `{json.dumps(describe)}`",
         f"- Whole run: {seconds:.0f} s wall (both tables, embeddings shared).",
         "",
     ]
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--between", default="nearest", choices=("nearest", "nearest_reached"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the curves as JSON here")
+    parser.add_argument("--target-windows", action="store_true",
+                        help="window each target for its tissue (bone for vertebrae, lung, else abdomen: "
+                             "windowing.window_for_target) instead of the abdomen window for all")
     args = parser.parse_args(argv)
 
     import torch
@@ -82,18 +85,26 @@ def main(argv=None) -> int:
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.readers import load_label_map, load_volume
     from MedVolR1Lib.volume import atomic_write
+    from MedVolR1Lib.windowing import window_for_target
 
     torch.set_num_threads(args.threads)
     sample = fetch_sample()
     volume = load_volume(sample.ct_path)
     labels = load_label_map(sample.labels_path, volume)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    propagator = LiteMedSAMPropagator(precision=args.precision, between=args.between)
+    propagators: dict = {}  # one per window: slice embeddings depend on the window, so each keeps its own cache
+
+    def propagator_for(name: str):
+        window = window_for_target(name, volume.modality) if args.target_windows else None
+        if window not in propagators:
+            propagators[window] = LiteMedSAMPropagator(precision=args.precision, between=args.between, window=window)
+        return propagators[window]
+
     t0 = time.perf_counter()
     runs: dict = {False: [], True: []}
     for n, name in enumerate(targets):  # both variants per target, so partial results are complete rows
         for extent_first in (False, True):
-            runs[extent_first] += correction_curves(propagator, volume, labels, sample.label_names, [name],
+            runs[extent_first] += correction_curves(propagator_for(name), volume, labels, sample.label_names, [name],
                                                     corrections=args.corrections, extent_first=extent_first)
             curve = runs[extent_first][-1]
             print(f"[{n + 1}/{len(targets)}] {name} {'extent first' if extent_first else 'boxes'}: Dice "
@@ -112,7 +123,7 @@ def main(argv=None) -> int:
     command = f"OMP_NUM_THREADS={args.threads} python " + " ".join(
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     report = render(runs[False], runs[True], command=command, machine=_machine(), seconds=seconds,
-                    describe=propagator.describe(), notes=notes)
+                    describe=[p.describe() for p in propagators.values()], notes=notes)
     atomic_write(out, lambda tmp: Path(tmp).write_text(report))
     print(report)
     return 0
