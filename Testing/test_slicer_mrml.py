@@ -601,22 +601,32 @@ def _session_polls(session, start, hold_gil: bool):
 
 
 def test_the_harness_starves_a_python_thread_as_slicer_does():
-    """Premise of the next test: with the GIL held between polls, a Python worker thread crawls."""
+    """Premise of the next test: with the GIL held between polls, a Python worker thread crawls.
+
+    Counts the work a spinning thread gets done during the same number of polls, idle vs GIL held (work per
+    poll, not seconds: on a loaded machine both shrink alike).  Measured here: about 20x less when held on an
+    otherwise idle machine, 3-4x under a load of 15 on 2 cores; the assertion asks for 2x.
+    """
     import threading
 
-    def spin(finished, n=2_000_000):
-        total = 0
-        for i in range(n):
-            total += i
-        finished.set()
+    counter, stop = [0], threading.Event()
 
-    idle, held = threading.Event(), threading.Event()
-    threading.Thread(target=spin, args=(idle,), daemon=True).start()
-    idle_polls = polls_until_done(idle.is_set, held=False)
-    threading.Thread(target=spin, args=(held,), daemon=True).start()
-    held_polls = polls_until_done(held.is_set, held=True, limit=3 * idle_polls + 3)
-    assert held_polls >= 3 * idle_polls + 3 and not held.is_set(), (idle_polls, held_polls)
-    held.wait(60)  # let it finish before the next test
+    def spin():
+        while not stop.is_set():
+            counter[0] += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        work = {}
+        for held in (False, True, False):
+            start = counter[0]
+            polls_until_done(lambda: False, held=held, limit=5)
+            work[held] = work.get(held, 0) + (counter[0] - start) / (2 if not held else 1)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert work[True] * 2 < work[False], work
 
 
 def test_find_evidence_and_segment_take_as_many_polls_with_the_gil_held(scene, sample_volume, kidney_case, micro_sam2, runner):
