@@ -55,3 +55,13 @@ def tiny_qwen3_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_qwen3") / "model"
     assert main(["make-tiny-model", "--family", "qwen3-vl", "--out", str(folder)]) == 0
     return folder
+
+
+@pytest.fixture(scope="session")
+def micro_sam2(tmp_path_factory):
+    """A micro SAM2 saved as MedSAM2 checkpoints are ({"model": state_dict}) and its hydra overrides; built once."""
+    pytest.importorskip("sam2")
+    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
+
+    path = tmp_path_factory.mktemp("sam2") / "micro.pt"
+    return path, tuple(build_micro_sam2_checkpoint(path))

@@ -17,7 +17,6 @@ import SimpleITK as sitk
 from MedVolR1Lib import cli
 from MedVolR1Lib.anchor import EvidenceAnchor, ParsedAnswer, VoxelBox
 from MedVolR1Lib.errors import AnchorError, VolumeError
-from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
 from MedVolR1Lib.grounder import GroundingResult
 from MedVolR1Lib.pipeline import Pipeline, SegmentationResult
 from MedVolR1Lib.readers import AVAILABLE_MEMORY_ENV, estimate_load, load_volume
@@ -35,9 +34,8 @@ def crop(sample_ct):
 
 
 @pytest.fixture(scope="module")
-def micro_flags(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam2") / "micro_sam2.pt"
-    overrides = build_micro_sam2_checkpoint(path)
+def micro_flags(micro_sam2):
+    path, overrides = micro_sam2
     return ["--propagator", "medsam2", "--sam-checkpoint", str(path), "--device", "cpu",
             *[a for o in overrides for a in ("--sam-override", o)]]
 

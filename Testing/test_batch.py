@@ -22,7 +22,6 @@ import SimpleITK as sitk
 from MedVolR1Lib import batch, cli
 from MedVolR1Lib.batch import BatchRow, read_failures, read_manifest, rows_for_rank, run_batch
 from MedVolR1Lib.errors import DataError
-from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
 from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
 from MedVolR1Lib.targets import profile_target
 from MedVolR1Lib.views import ViewGeometry
@@ -31,9 +30,8 @@ KIDNEY_RIGHT, SPLEEN = 2, 1
 
 
 @pytest.fixture(scope="module")
-def micro_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam2") / "micro_sam2.pt"
-    overrides = tuple(build_micro_sam2_checkpoint(path))
+def micro_config(micro_sam2):
+    path, overrides = micro_sam2
     return PipelineConfig(propagator="medsam2", sam_checkpoint=str(path), sam_overrides=overrides, device="cpu")
 
 

@@ -17,16 +17,8 @@ import SimpleITK as sitk
 from MedVolR1Lib import outputs
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
 from MedVolR1Lib.errors import AnchorError
-from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
 from MedVolR1Lib.pipeline import Pipeline, PipelineConfig, target_name_from_query
 from MedVolR1Lib.readers import load_volume
-
-
-@pytest.fixture(scope="module")
-def micro_sam2(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sam2") / "micro_sam2.pt"
-    overrides = build_micro_sam2_checkpoint(path)
-    return path, tuple(overrides)
 
 
 @pytest.fixture(scope="module")

@@ -107,15 +107,6 @@ def test_a_worker_that_cannot_start_or_dies_gives_one_clear_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def micro_sam2(tmp_path_factory):
-    pytest.importorskip("sam2")
-    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
-
-    path = tmp_path_factory.mktemp("sam2") / "micro.pt"
-    return path, tuple(build_micro_sam2_checkpoint(path))
-
-
-@pytest.fixture(scope="module")
 def crop_path(tmp_path_factory, sample_ct):
     """16 slices of the real sample CT through the kidneys, as a NIfTI file (fast model runs)."""
     import SimpleITK as sitk

@@ -37,15 +37,6 @@ def scene():
     return slicer.vtkMRMLScene()
 
 
-@pytest.fixture(scope="module")
-def micro_sam2(tmp_path_factory):
-    pytest.importorskip("sam2")
-    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
-
-    path = tmp_path_factory.mktemp("sam2") / "micro.pt"
-    return path, tuple(build_micro_sam2_checkpoint(path))
-
-
 def _cleanup(scene, node, session=None):
     nodes = mm.evidence_rois(scene, node) + [node]
     if session is not None and session.segmentation_node is not None:

@@ -330,15 +330,6 @@ def _small_ct_node(scene, sample_volume, k0=44, k1=60):
 
 
 @pytest.fixture(scope="module")
-def micro_sam2(tmp_path_factory):
-    pytest.importorskip("sam2")
-    from MedVolR1Lib.fixtures.micro_sam2 import build_micro_sam2_checkpoint
-
-    path = tmp_path_factory.mktemp("sam2") / "micro.pt"
-    return path, tuple(build_micro_sam2_checkpoint(path))
-
-
-@pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
     pytest.importorskip("transformers")
     from MedVolR1Lib.fixtures.tiny_qwen import build_tiny_qwen
