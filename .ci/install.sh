@@ -14,7 +14,7 @@ PIP="$VENV/bin/python -m pip"
 STAMP="$VENV/.medvolr1-installed"
 # dciodvfy (Debian's dicom3tools) validates the DICOM SEG in the tests, which skip with a reason without it
 if ! command -v dciodvfy >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q dicom3tools >/dev/null 2>&1 || echo "note: dicom3tools not installed; the dciodvfy check will skip" >&2
+  { apt-get update -qq && apt-get install -y -q dicom3tools; } >/dev/null 2>&1 || echo "note: dicom3tools not installed; the dciodvfy check will skip" >&2
 fi
 if [ -f "$STAMP" ] && cmp -s "$STAMP" <(cat pyproject.toml constraints-cpu.txt); then
   exit 0
