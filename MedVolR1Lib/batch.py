@@ -266,16 +266,23 @@ def failures_over_ranks(local: int, world_size: int) -> Optional[int]:
         import torch.distributed as dist
     except ImportError:
         return None
-    created = not dist.is_initialized()
-    if created:
+    if not dist.is_initialized():  # kept until `leave_ranks`: the ranks also meet once more before exiting
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # waits for the slowest rank's rows
+    total = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def leave_ranks() -> None:
+    """Last meeting of the ranks, after each has printed its summary: none exits (and gets the others killed
+    by the launcher, when its code is non-zero) before every rank has said what it did."""
     try:
-        total = torch.tensor([local], dtype=torch.int64)
-        dist.all_reduce(total)
-        return int(total.item())
-    finally:
-        if created:
-            dist.destroy_process_group()
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _row_result(pipeline, volume, row: BatchRow, image_size: int):

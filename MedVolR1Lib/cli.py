@@ -186,17 +186,33 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _print_whole_line(text: str) -> None:
+    """One write() of the whole line: under a launcher every rank prints its summary at the same moment, and
+    separate writes of two ranks interleave on the shared stdout (seen with torchrun)."""
+    import io
+    import os
+
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):  # captured or redirected in-process
+        print(text, flush=True)
+        return
+    os.write(fd, (text + "\n").encode())
+
+
 def cmd_batch(args) -> int:
-    from .batch import run_batch
+    from .batch import leave_ranks, run_batch
 
     if args.reference or args.label:
         raise ValueError("--reference/--label score one scan; they are not available in batch")
     summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality,
                         formats=args.formats)
-    print(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
+    _print_whole_line(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
                       "skipped": summary.skipped, "failed": len(summary.failures),
                       "failed_all_ranks": summary.failed_all_ranks,
-                      "failures": str(summary.failures_path) if summary.failures else None}, indent=2))
+                      "failures": str(summary.failures_path) if summary.failures else None}))
+    leave_ranks()
     return 1 if summary.any_failed else 0
 
 

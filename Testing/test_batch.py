@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -145,8 +144,8 @@ def test_torchrun_splits_the_manifest_and_all_ranks_exit_together(sample_ct, mic
                "MedVolR1Lib.cli", "batch", "--manifest", str(manifest), "--out", str(tmp_path / "out"),
                "--propagator", "medsam2", "--sam-checkpoint", micro_config.sam_checkpoint, "--device", "cpu", *overrides]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    summaries = [json.loads(block) for block in re.findall(r"^\{.*?^\}", run.stdout, flags=re.S | re.M)]
-    assert run.returncode != 0 and sorted(s["rank"] for s in summaries) == [0, 1], run.stderr[-3000:]
+    summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]  # one line per rank
+    assert run.returncode != 0 and sorted(s["rank"] for s in summaries) == [0, 1], (run.stdout[-2000:], run.stderr[-3000:])
     assert all(s["failed_all_ranks"] == 1 and s["world_size"] == 2 for s in summaries)
     ranks = {json.loads((tmp_path / "out" / n / "evidence.json").read_text())["provenance"]["batch"]["rank"] for n in "ab"}
     assert ranks == {0, 1}  # one scan per process
