@@ -37,15 +37,21 @@ def without_anchor(evidence: Evidence, slice_index: int) -> Evidence:
                    points=tuple(p for p in evidence.points if p.slice_index != int(slice_index)))
 
 
+def extent_with(current: Optional[tuple[int, int]], num_slices: Optional[int], lowest: Optional[int] = None,
+                highest: Optional[int] = None) -> tuple[int, int]:
+    """The extent after setting its lowest and/or highest slice; an unset side keeps `current` (else the volume's end)."""
+    low, high = current or (0, (num_slices - 1) if num_slices else None)
+    low = int(lowest) if lowest is not None else low
+    high = int(highest) if highest is not None else high
+    if high is None:
+        raise AnchorError("give num_slices (or both limits) to set only the lowest slice")
+    return low, high
+
+
 def with_extent(evidence: Evidence, lowest: Optional[int] = None, highest: Optional[int] = None,
                 num_slices: Optional[int] = None) -> Evidence:
     """Set the lowest and/or highest slice the mask may reach (the other side keeps its limit, if any)."""
-    current = evidence.z_range or (0, (num_slices - 1) if num_slices else None)
-    lo = int(lowest) if lowest is not None else current[0]
-    hi = int(highest) if highest is not None else current[1]
-    if hi is None:
-        raise AnchorError("give num_slices (or both limits) to set only the lowest slice")
-    return replace(evidence, z_range=(lo, hi))
+    return replace(evidence, z_range=extent_with(evidence.z_range, num_slices, lowest, highest))
 
 
 def parse_z_range_spec(text: str) -> tuple[int, int]:

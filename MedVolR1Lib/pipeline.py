@@ -82,6 +82,13 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self._grounder = grounder
         self._propagator = propagator
+        self._segmentable: set[str] = set()  # fingerprints already checked: a drag's re-propagation skips the full scan
+
+    def _check_segmentable(self, volume: Volume) -> None:
+        """`check_segmentable` once per volume (its fingerprint is computed anyway: the feature caches use it)."""
+        if volume.fingerprint not in self._segmentable:
+            check_segmentable(volume)
+            self._segmentable.add(volume.fingerprint)
 
     @property
     def grounder(self):
@@ -121,7 +128,7 @@ class Pipeline:
         """Ask the VLM for the evidence anchor; raises GroundingError (with the raw text) on garbage."""
         if not (query or "").strip():
             raise ValueError("the query is empty: type a clinical question, e.g. 'segment the liver'")
-        check_segmentable(volume)
+        self._check_segmentable(volume)
         return self.grounder.ground(
             volume,
             query,
@@ -151,7 +158,7 @@ class Pipeline:
         """Segment from given evidence (the VLM's anchor or the user's corrections); no VLM involved."""
         if evidence is None:
             raise AnchorError("no evidence anchor to propagate")
-        check_segmentable(volume)  # NaN/Inf or constant scans: an error, never a silent mask
+        self._check_segmentable(volume)  # NaN/Inf or constant scans: an error, never a silent mask
         evidence = Evidence.coerce(evidence).validate(volume.shape).clipped(volume.shape)
         propagator = self.propagator
         start = time.perf_counter()

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
+from MedVolR1Lib.corrections import extent_with
 from MedVolR1Lib.errors import AnchorError
 from MedVolR1Lib.evidence import Evidence
 from MedVolR1Lib.evidence_history import EvidenceHistory, EvidenceVersion
@@ -51,11 +52,10 @@ def set_extent_limit(volume_node, z_range: Optional[Sequence[int]]) -> None:
 
 def limited_extent(current: Optional[tuple[int, int]], num_slices: int, slice_index: int, side: str) -> tuple[int, int]:
     """The extent after "Limit extent here": `side` 'top' sets the highest slice, 'bottom' the lowest."""
-    low, high = current if current is not None else (0, num_slices - 1)
     if side == "top":
-        return low, int(slice_index)
+        return extent_with(current, num_slices, highest=slice_index)
     if side == "bottom":
-        return int(slice_index), high
+        return extent_with(current, num_slices, lowest=slice_index)
     raise ValueError(f"side must be 'top' or 'bottom', got {side!r}")
 
 
