@@ -15,6 +15,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from oracle_table import DEFAULT_TARGETS, NOTES_HEADING, _machine  # Training/ is this script's folder
@@ -65,21 +66,29 @@ def _write_json(path, runs, atomic_write) -> None:
 
 
 def main(argv=None) -> int:
+    from MedVolR1Lib.propagation.box_tracking import BETWEEN_MODES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/corrections_litemedsam.md")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated label names")
     parser.add_argument("--corrections", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
-    parser.add_argument("--between", default="nearest", choices=("nearest", "nearest_reached"))
+    parser.add_argument("--between", default="union", choices=BETWEEN_MODES,
+                        help="which anchor's walk a slice between two anchors takes (box_tracking.anchor_ranges)")
+    parser.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
+                        help="fill slices between two anchors that no walk reached with interpolated boxes")
+    parser.add_argument("--min-overlap", type=float, default=None,
+                        help="walk guard: least overlap of a slice's mask with the previous one (default: TrackingRules')")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the curves as JSON here")
-    parser.add_argument("--target-windows", action="store_true",
+    parser.add_argument("--target-windows", action=argparse.BooleanOptionalAction, default=True,
                         help="window each target for its tissue (bone for vertebrae, lung, else abdomen: "
-                             "windowing.window_for_target) instead of the abdomen window for all")
+                             "windowing.window_for_target); --no-target-windows: the abdomen window for all")
     args = parser.parse_args(argv)
 
     import torch
 
+    from MedVolR1Lib.propagation.box_tracking import TrackingRules
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
     from MedVolR1Lib.propagation.simulated_user import correction_curves
     from MedVolR1Lib.sample_data import fetch_sample
@@ -97,7 +106,9 @@ def main(argv=None) -> int:
     def propagator_for(name: str):
         window = window_for_target(name, volume.modality) if args.target_windows else None
         if window not in propagators:
-            propagators[window] = LiteMedSAMPropagator(precision=args.precision, between=args.between, window=window)
+            rules = TrackingRules() if args.min_overlap is None else replace(TrackingRules(), min_overlap=args.min_overlap)
+            propagators[window] = LiteMedSAMPropagator(precision=args.precision, between=args.between, bridge=args.bridge,
+                                                       window=window, rules=rules)
         return propagators[window]
 
     t0 = time.perf_counter()

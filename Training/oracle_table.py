@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_TARGETS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder",
-                   "urinary_bladder", "aorta", "vertebrae_L3", "inferior_vena_cava", "duodenum", "vertebrae_L1",
-                   "sacrum")
+from MedVolR1Lib.propagation.oracle import SAMPLE_CT_TARGETS as DEFAULT_TARGETS
+
 NOTES_HEADING = "## Notes"
 
 

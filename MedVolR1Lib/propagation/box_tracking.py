@@ -14,7 +14,7 @@ so a batched segmenter decodes them in one call.  Several anchors split the slic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -105,6 +105,7 @@ class TrackResult:
     masks: dict[int, np.ndarray]
     stop_up: str = ""
     stop_down: str = ""
+    scores: dict[int, float] = field(default_factory=dict)  # the segmenter's own quality score per kept mask
 
 
 EDGE_REASONS = ("range edge", "volume edge")
@@ -166,7 +167,7 @@ def track_walks(
         return results
     keys = segment_many([SegmentRequest(w.key_slice, w.box) for w in walks])
     fronts: list[_Front] = []
-    for n, (walk, (mask, logits, _)) in enumerate(zip(walks, keys)):
+    for n, (walk, (mask, logits, score)) in enumerate(zip(walks, keys)):
         if rules.clip_to_box:
             mask = mask & box_mask(walk.box, shape_ji)
         if on_slice:
@@ -175,6 +176,7 @@ def track_walks(
             results[n].stop_up = results[n].stop_down = "empty key slice"
             continue
         results[n].masks[walk.key_slice] = mask
+        results[n].scores[walk.key_slice] = float(score)
         fronts += [_Front(n, step, walk.key_slice + step, mask, logits, walk.box) for step in (+1, -1)]
 
     def finish(front: _Front, reason: str) -> None:
@@ -212,6 +214,7 @@ def track_walks(
                 finish(front, reason)
                 continue
             results[front.walk].masks[front.k] = mask
+            results[front.walk].scores[front.k] = float(score)
             front.mask, front.logits, front.box = mask, logits, prompt
             front.k += front.step
             fronts.append(front)
@@ -264,13 +267,13 @@ def truncate(result: TrackResult, walk_range: tuple[int, int], new_range: tuple[
     masks = {k: m for k, m in result.masks.items() if new_lo <= k <= new_hi}
     down = "range edge" if any(k < new_lo for k in result.masks) else result.stop_down
     up = "range edge" if any(k > new_hi for k in result.masks) else result.stop_up
-    return TrackResult(masks, stop_up=up, stop_down=down)
+    return TrackResult(masks, stop_up=up, stop_down=down, scores={k: v for k, v in result.scores.items() if k in masks})
 
 
 # ---------------------------------------------------------------------------------------------------------
 # several anchors: which slices each anchor's walks cover, and how their masks combine
 
-BETWEEN_MODES = ("nearest", "nearest_reached")
+BETWEEN_MODES = ("nearest", "nearest_reached", "best_score", "union")
 
 
 def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str = "nearest") -> list[tuple[int, int]]:
@@ -280,6 +283,10 @@ def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str =
         half-way and each slice is tracked once.
     nearest_reached: walks run up to the next anchor; `compose` then gives each slice the nearest anchor
         whose walk reached it (fills a gap where the nearer walk stopped early, at the cost of tracking it twice).
+    best_score: the ranges of nearest_reached; where both neighbouring anchors' walks reached a slice, `compose`
+        takes the one whose masks the segmenter scores higher there (its own IoU estimate).
+    union: the ranges of nearest_reached; a slice between two anchors takes the union of both anchors' masks
+        there (an anchor's own slice keeps its own masks).
     """
     if between not in BETWEEN_MODES:
         raise ValueError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
@@ -293,7 +300,7 @@ def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str =
         if between == "nearest":
             low = lo if below is None else (below + k) // 2 + 1
             high = hi if above is None else (k + above) // 2
-        else:
+        else:  # nearest_reached, best_score, union
             low = lo if below is None else below + 1
             high = hi if above is None else above - 1
         ranges.append((low, high))
@@ -306,20 +313,131 @@ def compose(
     shape_kji: tuple[int, int, int],
     *,
     merge: bool = True,
+    choose: str = "nearest",
 ) -> np.ndarray:
     """One uint8 mask from the walks of each anchor (tracks[n][b]: box b of the n-th anchor, sorted by slice).
 
     Each slice takes the masks of the nearest anchor (a tie to the lower one) that has a mask there; with
-    `anchor_ranges(..., "nearest")` only one anchor can have one.  Value 1 when `merge`, else b + 1 (later
-    boxes of the chosen anchor win overlaps)."""
+    `anchor_ranges(..., "nearest")` only one anchor can have one.  choose="score": the anchor whose masks there
+    have the highest mean segmenter score instead (nearest on a tie); "union": every anchor's masks there, except
+    on an anchor's own slice.  Value 1 when `merge`, else b + 1 (later boxes of the chosen anchor win overlaps;
+    under "union" the nearest anchor's)."""
+    if choose not in ("nearest", "score", "union"):
+        raise ValueError(f"choose must be 'nearest', 'score' or 'union', got {choose!r}")
     out = np.zeros(shape_kji, dtype=np.uint8)
     ks = [int(k) for k in anchor_slices]
     covered = sorted({k for boxes in tracks for track in boxes for k in track.masks})
     for k in covered:
+        candidates = []
         for n in sorted(range(len(ks)), key=lambda n: (abs(ks[n] - k), ks[n])):
-            present = [(b, track.masks[k]) for b, track in enumerate(tracks[n]) if k in track.masks]
+            present = [(b, track.masks[k], track.scores.get(k, 0.0)) for b, track in enumerate(tracks[n]) if k in track.masks]
             if present:
-                for b, mask in present:
-                    out[k][mask] = 1 if merge else b + 1
-                break
+                candidates.append(present)
+                if choose == "nearest" or k == ks[n]:
+                    break
+        if not candidates:
+            continue
+        if choose == "union" and k not in ks:
+            chosen = [item for present in reversed(candidates) for item in present]
+        elif choose == "score":
+            chosen = max(candidates, key=lambda p: sum(s for _, _, s in p) / len(p))
+        else:
+            chosen = candidates[0]
+        for b, mask, _ in chosen:
+            out[k][mask] = 1 if merge else b + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bridging: two anchors say the object spans the slices between them, so a gap no walk crossed is filled
+
+@dataclass(frozen=True)
+class GapPrompt:
+    """A box interpolated across a gap between two anchors' walks; its mask goes to anchor `owner`, box `box_index`."""
+
+    slice_index: int
+    box: VoxelBox
+    owner: int
+    box_index: int
+
+
+def _box_iou(a: VoxelBox, b: VoxelBox) -> float:
+    w = min(a.i1, b.i1) - max(a.i0, b.i0)
+    h = min(a.j1, b.j1) - max(a.j0, b.j0)
+    inter = max(0.0, w) * max(0.0, h)
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
+
+
+def pair_boxes(lower: Sequence[VoxelBox], upper: Sequence[VoxelBox]) -> list[tuple[int, int]]:
+    """One-to-one pairs (lower index, upper index) of boxes that overlap in the slice plane, greedy by IoU.
+
+    Two anchors' boxes of the same structure overlap (one kidney above the other); boxes that overlap
+    nothing on the other anchor (a second kidney drawn on one slice only) are not bridged."""
+    scored = sorted(((_box_iou(a, b), n, m) for n, a in enumerate(lower) for m, b in enumerate(upper)), reverse=True)
+    used_low, used_up, pairs = set(), set(), []
+    for iou, n, m in scored:
+        if iou <= 0.0:
+            break
+        if n not in used_low and m not in used_up:
+            used_low.add(n)
+            used_up.add(m)
+            pairs.append((n, m))
+    return sorted(pairs)
+
+
+def _interpolate(a: VoxelBox, b: VoxelBox, t: float) -> VoxelBox:
+    return VoxelBox(*((1.0 - t) * x + t * y for x, y in zip(a.as_list(), b.as_list())))
+
+
+def gap_prompts(
+    anchors: Sequence[tuple[int, Sequence[VoxelBox]]],
+    tracks: Sequence[Sequence[TrackResult]],
+    shape_kji: tuple[int, int, int],
+    rules: TrackingRules,
+) -> list[GapPrompt]:
+    """Prompts for the slices between two neighbouring anchors that neither anchor's walk reached.
+
+    anchors: (slice, boxes) sorted by slice; tracks[n][b]: the walk of box b of anchor n.  For each pair of
+    overlapping boxes (`pair_boxes`) the gap runs from the lower walk's highest mask to the upper walk's lowest;
+    each gap slice gets the box interpolated linearly between the prompts those two end masks would give
+    (mask box plus margin, as the walk's next step).  A walk that kept going needs no bridge; a gap is owned
+    slice by slice by the nearer anchor (a tie to the lower).  Its masks pass no guard but `min_area`: the two
+    anchors already say the object is there."""
+    shape_ji = (int(shape_kji[1]), int(shape_kji[2]))
+    prompts: list[GapPrompt] = []
+    for n in range(len(anchors) - 1):
+        (k_low, boxes_low), (k_up, boxes_up) = anchors[n], anchors[n + 1]
+        for b_low, b_up in pair_boxes(boxes_low, boxes_up):
+            low, up = tracks[n][b_low], tracks[n + 1][b_up]
+            reached_low = [k for k in low.masks if k_low <= k < k_up]
+            reached_up = [k for k in up.masks if k_low < k <= k_up]
+            if not reached_low or not reached_up:
+                continue  # an empty key slice: nothing to bridge from
+            start, end = max(reached_low), min(reached_up)
+            if end - start < 2:
+                continue
+            box_start = next_box(low.masks[start], boxes_low[b_low], rules, shape_ji)
+            box_end = next_box(up.masks[end], boxes_up[b_up], rules, shape_ji)
+            for k in range(start + 1, end):
+                t = (k - start) / (end - start)
+                owner = n if (k - k_low) <= (k_up - k) else n + 1
+                prompts.append(GapPrompt(k, _interpolate(box_start, box_end, t), owner, b_low if owner == n else b_up))
+    return prompts
+
+
+def add_gap_masks(
+    tracks: Sequence[Sequence[TrackResult]],
+    prompts: Sequence[GapPrompt],
+    outputs: Sequence[tuple[np.ndarray, Optional[np.ndarray], float]],
+    rules: TrackingRules,
+) -> list[list[TrackResult]]:
+    """Copies of `tracks` with each decoded gap mask added to its owner's walk (masks under `min_area` dropped)."""
+    out = [[TrackResult(dict(t.masks), t.stop_up, t.stop_down, dict(t.scores)) for t in boxes] for boxes in tracks]
+    for prompt, (mask, _, score) in zip(prompts, outputs):
+        if rules.clip_to_box:
+            mask = mask & box_mask(prompt.box, mask.shape)
+        if int(mask.sum()) >= rules.min_area:
+            out[prompt.owner][prompt.box_index].masks[prompt.slice_index] = mask
+            out[prompt.owner][prompt.box_index].scores[prompt.slice_index] = float(score)
     return out

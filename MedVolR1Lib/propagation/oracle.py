@@ -20,6 +20,11 @@ from ..targets import TargetProfile, profile_labels
 from ..volume import Volume
 from .base import Propagator
 
+# The sample CT's 14 reported targets (docs/oracle_litemedsam.md, docs/corrections_litemedsam.md).
+SAMPLE_CT_TARGETS = ("liver", "spleen", "kidney_right", "kidney_left", "pancreas", "stomach", "gallbladder",
+                     "urinary_bladder", "aorta", "vertebrae_L3", "inferior_vena_cava", "duodenum", "vertebrae_L1",
+                     "sacrum")
+
 # Targets whose 2D slices show separate pieces that are one object (a vertebra's body and arch).
 ONE_BOX_TARGETS_PREFIX = ("vertebrae_", "sacrum")
 
