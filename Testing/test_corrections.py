@@ -120,7 +120,7 @@ def test_compose_gives_each_slice_the_nearest_anchor_that_reached_it():
         assert set(np.flatnonzero(mask.any(axis=(1, 2)))) == expected, between
 
 
-def test_best_score_takes_the_walk_the_segmenter_trusts_more():
+def test_best_score_and_union_combine_the_two_anchors_walks():
     from MedVolR1Lib.propagation.box_tracking import TrackResult
 
     low, high = np.zeros(SHAPE[1:], dtype=bool), np.zeros(SHAPE[1:], dtype=bool)
@@ -135,6 +135,14 @@ def test_best_score_takes_the_walk_the_segmenter_trusts_more():
     assert scored[12, 7, 7] and not scored[12, 25, 25]  # 0.9 > 0.5
     assert scored[11, 25, 25] and not scored[11, 7, 7]  # 0.95 > 0.9
     assert scored[14, 25, 25] and scored[9, 7, 7]  # one walk only: it is taken
+    union = compose([8, 15], [[below], [above]], SHAPE, choose="union")
+    assert all(union[k, 7, 7] and union[k, 25, 25] for k in (11, 12, 13))  # both walks between the anchors
+    assert not union[10, 25, 25] and not union[14, 7, 7]  # where only one walk reached
+    reaching = TrackResult({k: low for k in range(8, 16)}, scores={k: 0.9 for k in range(8, 16)})  # up to anchor 15
+    union = compose([8, 15], [[reaching], [above]], SHAPE, choose="union")
+    assert union[15, 25, 25] and not union[15, 7, 7] and union[14, 7, 7]  # an anchor's own slice: its own mask only
+    with pytest.raises(ValueError):
+        compose([8, 15], [[below], [above]], SHAPE, choose="blend")
     assert anchor_ranges([10, 20], 0, 29, "best_score") == anchor_ranges([10, 20], 0, 29, "nearest_reached")
 
 

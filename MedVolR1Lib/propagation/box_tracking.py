@@ -9,7 +9,8 @@ is a callback, so this module knows nothing about LiteMedSAM and is testable wit
 Several objects (the boxes of an anchor, the anchors of a corrected evidence, the rollouts of a GRPO
 group) are tracked in lockstep (`track_walks`): each step asks the segmenter for all of them at once,
 so a batched segmenter decodes them in one call.  Several anchors split the slices between them
-(`anchor_ranges`, `compose`): each walk restarts from its own anchor's box.
+(`anchor_ranges`, `compose`): each walk restarts from its own anchor's box, a slice between two anchors takes
+both anchors' walks (by default their union), and a gap neither walk crossed is bridged (`gap_prompts`).
 """
 
 from __future__ import annotations
@@ -361,20 +362,17 @@ class GapPrompt:
     box_index: int
 
 
-def _box_iou(a: VoxelBox, b: VoxelBox) -> float:
-    w = min(a.i1, b.i1) - max(a.i0, b.i0)
-    h = min(a.j1, b.j1) - max(a.j0, b.j0)
-    inter = max(0.0, w) * max(0.0, h)
-    union = a.area + b.area - inter
-    return inter / union if union > 0 else 0.0
-
-
 def pair_boxes(lower: Sequence[VoxelBox], upper: Sequence[VoxelBox]) -> list[tuple[int, int]]:
     """One-to-one pairs (lower index, upper index) of boxes that overlap in the slice plane, greedy by IoU.
 
     Two anchors' boxes of the same structure overlap (one kidney above the other); boxes that overlap
     nothing on the other anchor (a second kidney drawn on one slice only) are not bridged."""
-    scored = sorted(((_box_iou(a, b), n, m) for n, a in enumerate(lower) for m, b in enumerate(upper)), reverse=True)
+    from ..rewards import box_iou_matrix  # the one box IoU of the project
+
+    if not lower or not upper:
+        return []
+    iou = box_iou_matrix([b.as_list() for b in lower], [b.as_list() for b in upper])
+    scored = sorted(((float(iou[n, m]), n, m) for n in range(len(lower)) for m in range(len(upper))), reverse=True)
     used_low, used_up, pairs = set(), set(), []
     for iou, n, m in scored:
         if iou <= 0.0:
