@@ -8,6 +8,8 @@ reported targets over the whole scan (one propagator per tissue window), which e
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -144,6 +146,28 @@ def test_best_score_and_union_combine_the_two_anchors_walks():
     with pytest.raises(ValueError):
         compose([8, 15], [[below], [above]], SHAPE, choose="blend")
     assert anchor_ranges([10, 20], 0, 29, "best_score") == anchor_ranges([10, 20], 0, 29, "nearest_reached")
+
+
+def test_key_box_drift_judges_the_first_step_against_the_anchor_box():
+    truth = np.zeros(SHAPE, dtype=bool)
+    truth[5:15, 10:20, 5:25] = True
+
+    def segment_many(requests):  # finds the framed object, except on the key slice: there only a small left part
+        out = []
+        for r in requests:
+            mask = truth[r.slice_index].copy()
+            if r.slice_index == 10:
+                mask[:, 9:] = False
+            out.append((mask, None, 1.0))
+        return out
+
+    walk = Walk(10, VoxelBox(5, 10, 25, 20), (0, 29))
+    rules = TrackingRules(margin_fraction=0.0, margin_min=1.0, min_overlap=0.7, max_area_ratio=None)
+    strict = track_walks(segment_many, [walk], SHAPE, rules)[0]
+    assert sorted(strict.masks) == [10] and strict.stop_up == strict.stop_down == "drift"
+    loose = track_walks(segment_many, [walk], SHAPE, replace(rules, key_box_drift=True))[0]
+    assert sorted(loose.masks) == list(range(5, 15))
+    assert loose.stop_up == loose.stop_down == "vanished"
 
 
 def test_bridge_fills_the_gap_no_walk_crossed_with_interpolated_boxes():
