@@ -162,7 +162,7 @@ def test_key_box_drift_judges_the_first_step_against_the_anchor_box():
         return out
 
     walk = Walk(10, VoxelBox(5, 10, 25, 20), (0, 29))
-    rules = TrackingRules(margin_fraction=0.0, margin_min=1.0, min_overlap=0.7, max_area_ratio=None)
+    rules = TrackingRules(margin_fraction=0.0, margin_min=1.0, min_overlap=0.7, max_area_ratio=None, key_box_drift=False)
     strict = track_walks(segment_many, [walk], SHAPE, rules)[0]
     assert sorted(strict.masks) == [10] and strict.stop_up == strict.stop_down == "drift"
     loose = track_walks(segment_many, [walk], SHAPE, replace(rules, key_box_drift=True))[0]
