@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from oracle_table import DEFAULT_TARGETS, NOTES_HEADING, _machine  # Training/ is this script's folder
+from oracle_table import DEFAULT_TARGETS, NOTES_HEADING, _machine, kept_section  # Training/ is this script's folder
 
 STEPS = (0, 1, 2, 3, 5)
 
@@ -126,11 +126,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
 
     out = Path(args.out)
-    notes = ""
-    if out.is_file():
-        text = out.read_text()
-        if NOTES_HEADING in text:
-            notes = text[text.index(NOTES_HEADING):]
+    notes = kept_section(out, NOTES_HEADING)
     command = f"OMP_NUM_THREADS={args.threads} python " + " ".join(
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     report = render(runs[False], runs[True], command=command, machine=_machine(), seconds=seconds,

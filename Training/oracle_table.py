@@ -23,6 +23,13 @@ from MedVolR1Lib.propagation.oracle import SAMPLE_CT_TARGETS as DEFAULT_TARGETS
 NOTES_HEADING = "## Notes"
 
 
+def kept_section(path: Path, heading: str) -> str:
+    """The hand-written part of a report (from `heading` to the end) already in `path`, "" when there is none:
+    regenerating the table keeps it."""
+    text = path.read_text() if path.is_file() else ""
+    return text[text.index(heading):] if heading in text else ""
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -107,11 +114,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
 
     out = Path(args.out)
-    notes = ""
-    if out.is_file():
-        text = out.read_text()
-        if NOTES_HEADING in text:
-            notes = text[text.index(NOTES_HEADING):]
+    notes = kept_section(out, NOTES_HEADING)
     command = "OMP_NUM_THREADS=2 python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     report = render(rows, command=command, machine=_machine(), seconds=seconds, encoded=propagator.stats.encoded_slices,
                     describe=propagator.describe(), main_count=min(args.main_count, len(rows)), notes=notes)

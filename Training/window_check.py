@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from oracle_table import kept_section  # Training/ is this script's folder
+
 DEFAULT_TARGETS = ("kidney_right", "kidney_left", "spleen", "gallbladder", "liver")
 CHOICE_HEADING = "## Choice"  # hand-written reading of the numbers, kept when the table is regenerated
 
@@ -78,8 +80,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | [{window.low:.2f}, {window.high:.2f}] | " + " | ".join(f"{rows[t].dice:.3f}" for t in targets)
                      + f" | {mean_dice:.3f} | {delta:+.3f} |")
     out = Path(args.out)
-    kept = out.read_text() if out.is_file() else ""
-    lines += ["", kept[kept.index(CHOICE_HEADING):].strip() if CHOICE_HEADING in kept else f"{CHOICE_HEADING}\n\n(not written yet)", ""]
+    kept = kept_section(out, CHOICE_HEADING).strip()
+    lines += ["", kept or f"{CHOICE_HEADING}\n\n(not written yet)", ""]
     atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     print("\n".join(lines))
     return 0
