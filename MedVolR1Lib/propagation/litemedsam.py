@@ -28,6 +28,7 @@ from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
 from .base import Propagator, resolve_slice_range
+from .lite_decoder import SliceSharedDecoder
 from .box_tracking import (
     SegmentRequest, TrackingRules, TrackResult, Walk, add_gap_masks, anchor_ranges, compose, gap_prompts, track_walks,
     truncate,
@@ -101,9 +102,13 @@ class LiteMedSAMPropagator(Propagator):
         changed, and a walk that meets a prompt decoded before (a nudged box whose mask comes out the same,
         rollouts that agree) takes its mask instead of decoding again.  Exact: the decoder is deterministic.
     max_boxes: most boxes per anchor (more is an AnchorError).
-    decode_batch: most prompts per decoder call (bounds memory: 4 MB of embedding per prompt); default 4 on CPU
-        (measured 62 ms per prompt against 84 ms in calls of 8: the per-prompt activations outgrow the caches)
-        and 32 on CUDA.
+    decode_batch: most prompts per decoder call (bounds memory: 4 MB per prompt for each image-sized activation);
+        default 32 on CUDA; on CPU 1 with the shared decoder (a GRPO group's 148 prompts: 18 ms per prompt in
+        calls of 1, 20 in calls of 2 or 4, 28 in calls of 8: a prompt's activations fit the 4 MB L2 cache) and 4
+        with the vendored forward (62 ms per prompt against 84 ms in calls of 8).
+    shared_decoder: decode box prompts with `lite_decoder.SliceSharedDecoder` (the same weights and arithmetic,
+        reassociated: the work that does not depend on the prompt runs once per slice); False runs the vendored
+        forward (for comparison; masks agree up to float rounding).
     """
 
     name = "litemedsam"
@@ -123,6 +128,7 @@ class LiteMedSAMPropagator(Propagator):
         reuse: bool = True,
         max_boxes: int = DEFAULT_MAX_BOXES,
         decode_batch: Optional[int] = None,
+        shared_decoder: bool = True,
     ) -> None:
         import torch
 
@@ -154,7 +160,7 @@ class LiteMedSAMPropagator(Propagator):
         self.reuse = bool(reuse)
         self.max_boxes = int(max_boxes)
         if decode_batch is None:
-            decode_batch = 32 if self.device.type == "cuda" else 4
+            decode_batch = 32 if self.device.type == "cuda" else 1 if shared_decoder else 4
         self.decode_batch = max(1, int(decode_batch))
         self._walks: dict[tuple, list] = {}  # (key slice, box, rules) -> [(slice range, TrackResult)] for this volume
         self._decoded: dict[tuple, tuple] = {}  # (slice, box) -> (mask, logits or None, score) for this volume
@@ -162,6 +168,7 @@ class LiteMedSAMPropagator(Propagator):
         self.stats = EncoderStats()
         self._sha256: Optional[str] = None
         self._net = self._load(self.checkpoint)
+        self._shared = SliceSharedDecoder(self._net.prompt_encoder, self._net.mask_decoder) if shared_decoder else None
         self._volume: Optional[Volume] = None
         self._fingerprint: Optional[str] = None
         self._windowed: Optional[np.ndarray] = None
@@ -290,48 +297,57 @@ class LiteMedSAMPropagator(Propagator):
         self.encode(todo)
 
     # ------------------------------------------------------------------ decoding
-    def _decode(self, embedding, box: VoxelBox, previous_logits: Optional[np.ndarray]):
-        """One box on one slice -> (mask (J, I) bool, logits in the 256 frame, predicted IoU)."""
-        return self._decode_batch(embedding, [box], None if previous_logits is None else [previous_logits])[0]
-
-    def _decode_batch(self, embeddings, boxes: Sequence[VoxelBox], logits: Optional[Sequence[np.ndarray]]):
-        """N boxes (each with its slice's embedding, (N or 1, 256, 64, 64)) in one decoder call."""
+    def _decode_batch(self, slices: Sequence[int], boxes: Sequence[VoxelBox], logits: Optional[Sequence[np.ndarray]]):
+        """N boxes, box n on slice slices[n] (encoded), -> [(mask (J, I) bool, logits in the 256
+        frame, predicted IoU)].  Box-only prompts go through the slice-shared forward (`shared_decoder`) in
+        chunks of `decode_batch`; prompts with a mask prompt through the vendored forward."""
         import torch
         import torch.nn.functional as F
 
         net = self._net
         new_h, new_w, scale = self._frame()
         rows, cols = self._windowed.shape[1:]
-        box256 = torch.tensor([[[b.i0 * scale, b.j0 * scale, b.i1 * scale, b.j1 * scale]] for b in boxes],
+        box256 = torch.tensor([[b.i0 * scale, b.j0 * scale, b.i1 * scale, b.j1 * scale] for b in boxes],
                               dtype=torch.float32, device=self.device)
-        masks = None
-        if logits is not None:
-            masks = torch.from_numpy(np.stack(logits)).to(self.device).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-        # The decoder stays fp32 whatever `precision` says: in bf16 (45 ms per prompt against 62 here) walks flip at
-        # their guards; the simulated-user table lost 0.008 mean Dice, with a 0.07 drop after an added GT anchor.
+        # The decoder stays fp32 whatever `precision` says: in bf16 (vendored forward: 45 ms per prompt against 62)
+        # walks flip at their guards; the simulated-user table lost 0.008 mean Dice, with a 0.07 drop after an
+        # added GT anchor.
         with torch.inference_mode():
-            sparse, dense = net.prompt_encoder(points=None, boxes=box256, masks=masks)
-            low_res, iou = net.mask_decoder(
-                image_embeddings=embeddings.to(self.device),
-                image_pe=net.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
+            if logits is None and self._shared is not None:
+                out = self._shared.decode_slices(self._embeddings, slices, box256, self.decode_batch)
+                low_res, iou = out.logits.unsqueeze(1), out.iou
+                self.stats.decoder_calls += out.calls
+            else:
+                masks = None
+                if logits is not None:
+                    masks = torch.from_numpy(np.stack(logits)).to(self.device).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+                low_parts, iou_parts = [], []
+                for start in range(0, len(boxes), self.decode_batch):
+                    part = slice(start, start + self.decode_batch)
+                    sparse, dense = net.prompt_encoder(points=None, boxes=box256[part].unsqueeze(1),
+                                                       masks=None if masks is None else masks[part])
+                    low, iou = net.mask_decoder(
+                        image_embeddings=torch.cat([self._embeddings[z] for z in slices[part]]),
+                        image_pe=net.prompt_encoder.get_dense_pe(),
+                        sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense,
+                        multimask_output=False,
+                    )
+                    low_parts.append(low)
+                    iou_parts.append(iou.reshape(-1))
+                    self.stats.decoder_calls += 1
+                low_res, iou = torch.cat(low_parts), torch.cat(iou_parts)
             cropped = low_res[..., :new_h, :new_w]
             full = F.interpolate(cropped, size=(rows, cols), mode="bilinear", align_corners=False)
-        self.stats.decoder_calls += 1
         self.stats.decoded_prompts += len(boxes)
         full_masks = (full[:, 0] > 0).cpu().numpy()
         low = low_res[:, 0].cpu().numpy()
-        scores = iou.reshape(len(boxes), -1)[:, 0].tolist()
+        scores = iou.tolist()
         return [(full_masks[n], low[n], float(scores[n])) for n in range(len(boxes))]
 
     def segment_many(self, requests: Sequence[SegmentRequest]):
         """Decode a lockstep step: identical prompts once, prompts already decoded on this volume not again
-        (`reuse`), the rest in decoder calls of up to `decode_batch` prompts."""
-        import torch
-
+        (`reuse`), the rest together (box-only prompts) or in calls of up to `decode_batch` (mask prompts)."""
         unique: dict[tuple, int] = {}
         order: list[int] = []  # request n -> index of its unique prompt
         firsts: list[SegmentRequest] = []
@@ -351,18 +367,14 @@ class LiteMedSAMPropagator(Propagator):
         for with_logits in (False, True):
             group = [u for u, r in enumerate(firsts)
                      if decoded[u] is None and (r.previous_logits is not None) == with_logits]
-            for start in range(0, len(group), self.decode_batch):
-                chunk = group[start : start + self.decode_batch]
-                slices = {firsts[u].slice_index for u in chunk}
-                if len(slices) == 1:
-                    embeddings = self._embeddings[next(iter(slices))]  # the decoder repeats it per prompt
-                else:
-                    embeddings = torch.cat([self._embeddings[firsts[u].slice_index] for u in chunk])
-                logits = [firsts[u].previous_logits for u in chunk] if with_logits else None
-                for u, out in zip(chunk, self._decode_batch(embeddings, [firsts[u].box for u in chunk], logits)):
-                    decoded[u] = out
-                    if self.reuse and not with_logits:
-                        self._remember(firsts[u], out)
+            if not group:
+                continue
+            slices = [firsts[u].slice_index for u in group]
+            logits = [firsts[u].previous_logits for u in group] if with_logits else None
+            for u, out in zip(group, self._decode_batch(slices, [firsts[u].box for u in group], logits)):
+                decoded[u] = out
+                if self.reuse and not with_logits:
+                    self._remember(firsts[u], out)
         return [decoded[u] for u in order]
 
     def _remember(self, request: SegmentRequest, out) -> None:
