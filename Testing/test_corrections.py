@@ -421,3 +421,31 @@ def test_simulated_user_boxes_the_worst_slice_or_limits_a_leak():
     edited, action = next_correction(edited, pred, profile)
     assert action == "box on 8" and edited.anchor_slices == (8, 12) and edited.z_range == (0, 15)
     assert next_correction(edited, gt, profile) is None
+
+
+def test_every_slice_boxed_is_the_gt_boxes_on_each_slice_of_the_target():
+    from MedVolR1Lib.propagation.simulated_user import boxed_every_slice
+    from MedVolR1Lib.targets import profile_target
+
+    gt = np.zeros(SHAPE, dtype=bool)
+    gt[8:16, 10:20, 10:20] = True
+    gt[11:13, 25:30, 25:30] = True  # a second piece on two slices: two boxes there
+    profile = profile_target(gt, "toy")
+    evidence = boxed_every_slice(profile)
+    assert evidence.anchor_slices == tuple(range(8, 16)) and evidence.z_range == (8, 15)
+    assert all(a.boxes == tuple(profile.boxes(a.slice_index)) for a in evidence.anchors)
+    assert [len(a.boxes) for a in evidence.anchors] == [1, 1, 1, 2, 2, 1, 1, 1]
+    evidence.validate(SHAPE)
+
+
+def test_every_slice_boxed_scores_above_one_anchor_on_l3(lite, sample_volume, profiles):
+    """The curve's limit with the real weights: each slice keeps the mask of its own GT box, so the vertebra
+    that one anchor's walk loses into its neighbours (Dice about 0.25) is found on every slice."""
+    from MedVolR1Lib.metrics import dice
+    from MedVolR1Lib.propagation.simulated_user import every_slice_scores
+
+    l3 = profiles["vertebrae_L3"]
+    one = lite.propagate(EvidenceAnchor(l3.key_slice, tuple(l3.boxes(l3.key_slice)))) > 0
+    every_dice, every_nsd = every_slice_scores(lite, sample_volume, l3)
+    assert 0.0 <= every_nsd <= 1.0
+    assert every_dice > dice(one, l3.mask) + 0.2

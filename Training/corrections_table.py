@@ -23,20 +23,28 @@ from oracle_table import DEFAULT_TARGETS, NOTES_HEADING, _machine, kept_section 
 STEPS = (0, 1, 2, 3, 5)
 
 
-def _table(curves, title: str) -> list[str]:
+def _table(curves, title: str, ceilings=None) -> list[str]:
+    """Markdown rows; `ceilings` (target -> (Dice, NSD) with GT boxes on every slice) adds the curve's limit."""
     head = " | ".join(f"Dice {s}" for s in STEPS) + " | " + " | ".join(f"NSD {s}" for s in STEPS)
-    lines = [f"### {title}", "", f"| target | {head} | corrections made |", "|---|" + "---|" * (2 * len(STEPS) + 1)]
+    extra = " | Dice, every slice boxed | NSD, every slice boxed" if ceilings else ""
+    lines = [f"### {title}", "", f"| target | {head}{extra} | corrections made |",
+             "|---|" + "---|" * (2 * len(STEPS) + 1 + (2 if ceilings else 0))]
     for c in curves:
         cells = " | ".join(f"{c.at(s):.3f}" for s in STEPS) + " | " + " | ".join(f"{c.at(s, 'nsd'):.3f}" for s in STEPS)
+        if ceilings:
+            cells += " | {:.3f} | {:.3f}".format(*ceilings[c.target])
         lines.append(f"| {c.target} | {cells} | {'; '.join(c.actions) or 'none needed'} |")
     mean = " | ".join(f"**{sum(c.at(s) for c in curves) / len(curves):.3f}**" for s in STEPS)
     mean_nsd = " | ".join(f"**{sum(c.at(s, 'nsd') for c in curves) / len(curves):.3f}**" for s in STEPS)
+    if ceilings:
+        mean_nsd += " | " + " | ".join(f"**{sum(ceilings[c.target][m] for c in curves) / len(curves):.3f}**" for m in (0, 1))
     auc = sum(sum(c.at(s) for s in range(6)) / 6 for c in curves) / len(curves)
     lines += [f"| **mean ({len(curves)})** | {mean} | {mean_nsd} | Dice-AUC over 0..5 (mean of the 6 points): {auc:.3f} |", ""]
     return lines
 
 
-def render(plain, extent, *, command: str, machine: str, seconds: float, describe: dict, notes: str) -> str:
+def render(plain, extent, *, command: str, machine: str, seconds: float, describe: dict, notes: str,
+           ceilings=None) -> str:
     lines = [
         "# Simulated-user corrections: LiteMedSAM on the sample CT",
         "",
@@ -45,7 +53,9 @@ def render(plain, extent, *, command: str, machine: str, seconds: float, describ
         "wrong voxels (missed + leaked): if the target is on it, the user draws its GT boxes there (a new anchor, "
         "its walk restarts from that box); if not (a leak past the target's end), the user limits the extent on "
         "that side at the target's last slice. Up to 5 corrections; a target with no wrong slice left keeps its "
-        "last score. Scores vs the reference labels (TotalSegmentator's own predictions) at 3 mm: Dice, NSD 2 mm.",
+        "last score. Scores vs the reference labels (TotalSegmentator's own predictions) at 3 mm: Dice, NSD 2 mm. "
+        "\"Every slice boxed\" is the curve's limit: the GT boxes on every slice of the target, each slice keeping "
+        "the segmenter's own mask for them (`simulated_user.every_slice_scores`).",
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine}",
@@ -54,14 +64,15 @@ def render(plain, extent, *, command: str, machine: str, seconds: float, describ
         f"- Whole run: {seconds:.0f} s wall (both tables, embeddings shared).",
         "",
     ]
-    lines += _table(plain, "Corrections: boxes where the mask is most wrong")
+    lines += _table(plain, "Corrections: boxes where the mask is most wrong", ceilings)
     lines += _table(extent, "First correction = the GT z-range as the extent limit, then boxes")
     lines += [notes.strip() if notes.strip() else f"{NOTES_HEADING}\n\n(none yet)", ""]
     return "\n".join(lines)
 
 
-def _write_json(path, runs, atomic_write) -> None:
-    data = {"plain": [c.as_dict() for c in runs[False]], "extent_first": [c.as_dict() for c in runs[True]]}
+def _write_json(path, runs, ceilings, atomic_write) -> None:
+    data = {"plain": [c.as_dict() for c in runs[False]], "extent_first": [c.as_dict() for c in runs[True]],
+            "every_slice_boxed": {name: {"dice": d, "nsd": n} for name, (d, n) in ceilings.items()}}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
@@ -90,7 +101,8 @@ def main(argv=None) -> int:
 
     from MedVolR1Lib.propagation.box_tracking import TrackingRules
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
-    from MedVolR1Lib.propagation.simulated_user import correction_curves
+    from MedVolR1Lib.propagation.oracle import gt_profile
+    from MedVolR1Lib.propagation.simulated_user import correction_curves, every_slice_scores
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.readers import load_label_map, load_volume
     from MedVolR1Lib.volume import atomic_write
@@ -101,6 +113,7 @@ def main(argv=None) -> int:
     volume = load_volume(sample.ct_path)
     labels = load_label_map(sample.labels_path, volume)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    ids = {name: value for value, name in sample.label_names.items()}
     propagators: dict = {}  # one per window: slice embeddings depend on the window, so each keeps its own cache
 
     def propagator_for(name: str):
@@ -113,6 +126,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     runs: dict = {False: [], True: []}
+    ceilings: dict = {}
     for n, name in enumerate(targets):  # both variants per target, so partial results are complete rows
         for extent_first in (False, True):
             runs[extent_first] += correction_curves(propagator_for(name), volume, labels, sample.label_names, [name],
@@ -121,8 +135,10 @@ def main(argv=None) -> int:
             print(f"[{n + 1}/{len(targets)}] {name} {'extent first' if extent_first else 'boxes'}: Dice "
                   + " ".join(f"{d:.3f}" for d in curve.dice) + f" ({'; '.join(curve.actions)}) "
                   f"{sum(curve.seconds):.0f} s", flush=True)
+        ceilings[name] = every_slice_scores(propagator_for(name), volume, gt_profile(labels, ids[name], name))
+        print(f"[{n + 1}/{len(targets)}] {name} every slice boxed: Dice {ceilings[name][0]:.3f}", flush=True)
         if args.json:
-            _write_json(args.json, runs, atomic_write)
+            _write_json(args.json, runs, ceilings, atomic_write)
     seconds = time.perf_counter() - t0
 
     out = Path(args.out)
@@ -130,7 +146,7 @@ def main(argv=None) -> int:
     command = f"OMP_NUM_THREADS={args.threads} python " + " ".join(
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     report = render(runs[False], runs[True], command=command, machine=_machine(), seconds=seconds,
-                    describe=[p.describe() for p in propagators.values()], notes=notes)
+                    describe=[p.describe() for p in propagators.values()], notes=notes, ceilings=ceilings)
     atomic_write(out, lambda tmp: Path(tmp).write_text(report))
     print(report)
     return 0

@@ -14,7 +14,10 @@
    tracked) vs a full re-propagation of the same two anchors (embeddings cached in both), vertebra L3;
 6. the coherence reward for a GRPO group of 8 rollouts vs one propagation (bench_grpo.bench_coherence,
    window +-8, lockstep tracking of the group).
-`--sections 1,5,6` prints the issue-10 numbers in one run.
+7. the mask decoder: the vendored forward vs the slice-shared one (`lite_decoder.SliceSharedDecoder`), ms per
+   prompt for 1 and for 16 prompts on one slice (a GRPO group's 8 rollouts x 2 boxes), interleaved, best of 3,
+   with the largest logit difference between the two.
+`--sections 1,5,6,7` prints the issue-10 numbers in one run.
 Wall-clock numbers are noisy on a shared machine; ratios from one run are what to compare.
 """
 
@@ -130,6 +133,47 @@ def bench_group(window: int = 8) -> None:
     c = bench_coherence(data, window)
     print(f"[6] coherence reward, group of 8 (window +-{window}): {json.dumps(c)}")
     print(f"    group of 8 / one propagation = {c['group_over_one']:.2f}x (target <= 1.5x; best of {c['repeats']} each, interleaved)")
+
+
+def bench_decoder(repeats: int = 3) -> None:
+    import torch
+
+    from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
+
+    volume, profile = _kidney()
+    k = profile.key_slice
+    prop = LiteMedSAMPropagator(precision="fp32")
+    prop.prepare(volume)
+    prop.encode([k])
+    embedding, net, shared = prop._embeddings[k], prop._net, prop._shared
+    _, _, scale = prop._frame()
+    rng = np.random.default_rng(0)
+    boxes = torch.tensor([[(v + rng.uniform(-3, 3)) * scale for v in (b.i0, b.j0, b.i1, b.j1)]
+                          for _ in range(8) for b in profile.boxes(k)], dtype=torch.float32)
+
+    def vendored(part):
+        sparse, dense = net.prompt_encoder(points=None, boxes=part.view(-1, 1, 4), masks=None)
+        return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)[0][:, 0]
+
+    def shared_forward(part):
+        return shared.decode_slices({k: embedding}, [k] * len(part), part, prop.decode_batch).logits
+
+    print(f"[7] mask decoder, right kidney's slice {k}, fp32 (vendored in calls of 4, shared in calls of {prop.decode_batch}):")
+    with torch.inference_mode():
+        diff = float((torch.cat([vendored(boxes[i : i + 4]) for i in range(0, len(boxes), 4)]) - shared_forward(boxes)).abs().max())
+        for count in (1, len(boxes)):
+            part = boxes[:count]
+            runs = {"vendored": lambda: [vendored(part[i : i + 4]) for i in range(0, count, 4)],
+                    "shared": lambda: shared_forward(part)}
+            times: dict = {name: [] for name in runs}
+            for r in range(repeats):  # interleaved, so a change of load hits both
+                for name, fn in runs.items():
+                    times[name].append(_best(fn, 1, warmup=(r == 0)))
+            best = {name: min(t) for name, t in times.items()}
+            print(f"    {count:2d} prompt(s) on the slice: vendored {1000 * best['vendored'] / count:.1f} ms/prompt, "
+                  f"shared {1000 * best['shared'] / count:.1f} ms/prompt -> {best['vendored'] / best['shared']:.2f}x")
+    print(f"    largest |logit| difference between the two forwards: {diff:.1e}")
 
 
 def bench_encoder(volume_slices: int = 4) -> None:
@@ -286,7 +330,7 @@ def main(argv=None) -> None:
     parser.add_argument("--memory-slices", type=int, default=300)
     parser.add_argument("--memory-encode", type=int, default=8)
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--sections", default="1,2,3,4,5,6", help="which numbered measurements to run (2 and 3 run together)")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="which numbered measurements to run (2 and 3 run together)")
     args = parser.parse_args(argv)
     import torch
 
@@ -306,6 +350,8 @@ def main(argv=None) -> None:
         bench_correction()
     if 6 in sections:
         bench_group()
+    if 7 in sections:
+        bench_decoder()
 
 
 if __name__ == "__main__":

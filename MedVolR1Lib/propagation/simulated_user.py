@@ -7,7 +7,9 @@ then up to 5 corrections, scored as a curve):
 - each correction looks at the slice with the most wrong voxels (missed + leaked) that has no anchor yet:
   if the target is on that slice, the user draws its GT boxes there (a new anchor); if not (a leak past the
   target's end), the user limits the extent on that side at the target's last slice;
-- optionally the first correction is the extent limit from the GT's z-range (`extent_first`).
+- optionally the first correction is the extent limit from the GT's z-range (`extent_first`);
+- the curve's limit, a user who boxed every slice of the target (`every_slice_scores`), is reported beside it:
+  what box corrections can reach with this segmenter at all.
 
 Everything is in canonical voxels; masks are compared with the reference labels at native resolution.
 """
@@ -131,3 +133,19 @@ def correction_curves(
         curves.append(curve)
         report(progress, (n + 1) / len(targets), f"{name}: Dice " + " ".join(f"{d:.3f}" for d in curve.dice))
     return curves
+
+
+def boxed_every_slice(profile: TargetProfile) -> Evidence:
+    """The GT boxes on every slice the target is on, and its GT extent: the evidence box corrections tend to."""
+    slices = [int(k) for k in np.flatnonzero(profile.areas)]
+    anchors = tuple(EvidenceAnchor(k, tuple(profile.boxes(k))) for k in slices if profile.boxes(k))
+    return Evidence(anchors, (slices[0], slices[-1]))
+
+
+def every_slice_scores(propagator: Propagator, volume: Volume, profile: TargetProfile, *,
+                       tolerance_mm: float = 2.0) -> tuple[float, float]:
+    """(Dice, NSD) of `boxed_every_slice` on a prepared propagator: every slice is an anchor, so each keeps the
+    segmenter's mask for its own GT boxes, and the score is the ceiling of the correction curve."""
+    pred = np.asarray(propagator.propagate(boxed_every_slice(profile))) > 0
+    scores = score_masks(pred, profile.mask, array_spacing(volume), tolerance_mm)
+    return float(scores.dice), float(scores.nsd)
