@@ -437,3 +437,20 @@ def box_from_ras_bounds(ijk_to_ras: np.ndarray, ras_min: Sequence[float], ras_ma
     lo, hi = ijk.min(axis=0), ijk.max(axis=0)
     slice_index = int(math.floor((lo[2] + hi[2]) / 2.0))
     return VoxelBox(float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])), slice_index
+
+
+def box_iou_matrix(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> np.ndarray:
+    """IoU of every predicted box with every GT box, (N, M); inverted boxes have zero area."""
+    with np.errstate(all="ignore"):  # absurd (1e300) model boxes overflow to inf; they score 0, silently
+        return _box_iou_matrix(np.asarray(pred, dtype=float).reshape(-1, 4), np.asarray(gt, dtype=float).reshape(-1, 4))
+
+
+def _box_iou_matrix(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
+    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
+    w = np.clip(np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1]), 0, None)
+    inter = w * h
+    union = area_p[:, None] + area_g[None, :] - inter
+    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    return np.nan_to_num(iou, nan=0.0, posinf=0.0, neginf=0.0)

@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from .anchor import AnswerFormat, AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, VoxelBox, parse_model_answer
+from .anchor import (AnswerFormat, AnswerRules, EvidenceAnchor, ParsedAnswer, ParseFailure, VoxelBox, box_iou_matrix,
+                     parse_model_answer)
 from .errors import AnchorError, DataError
 from .metrics import dice
 from .propagation.base import Propagator
@@ -218,23 +219,6 @@ def slice_score(parsed: Union[ParsedAnswer, ParseFailure], target: RewardTarget,
     areas = np.asarray(target.slice_areas, dtype=float)
     best = float(areas[shown].max()) if shown else 0.0
     return float(areas[k] / best) if best > 0 else 0.0
-
-
-def box_iou_matrix(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> np.ndarray:
-    """IoU of every predicted box with every GT box, (N, M); inverted boxes have zero area."""
-    with np.errstate(all="ignore"):  # absurd (1e300) model boxes overflow to inf; they score 0, silently
-        return _box_iou_matrix(np.asarray(pred, dtype=float).reshape(-1, 4), np.asarray(gt, dtype=float).reshape(-1, 4))
-
-
-def _box_iou_matrix(p: np.ndarray, g: np.ndarray) -> np.ndarray:
-    area_p = np.clip(p[:, 2] - p[:, 0], 0, None) * np.clip(p[:, 3] - p[:, 1], 0, None)
-    area_g = np.clip(g[:, 2] - g[:, 0], 0, None) * np.clip(g[:, 3] - g[:, 1], 0, None)
-    w = np.clip(np.minimum(p[:, None, 2], g[None, :, 2]) - np.maximum(p[:, None, 0], g[None, :, 0]), 0, None)
-    h = np.clip(np.minimum(p[:, None, 3], g[None, :, 3]) - np.maximum(p[:, None, 1], g[None, :, 1]), 0, None)
-    inter = w * h
-    union = area_p[:, None] + area_g[None, :] - inter
-    iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-    return np.nan_to_num(iou, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def matched_box_score(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]]) -> float:

@@ -294,8 +294,9 @@ def test_lockstep_equals_box_by_box_and_reuse_equals_fresh(lite, sample_ct, samp
     l3 = profiles["vertebrae_L3"]
     evidence = Evidence((EvidenceAnchor(86, tuple(kidneys.boxes(86))), EvidenceAnchor(80, tuple(kidneys.boxes(80)))))
     masks = {}
+    decode_batch = lite.decode_batch
     try:
-        lite.reuse = False
+        lite.reuse, lite.decode_batch = False, 8  # room to batch (the CPU default decodes one prompt per pass)
         for lockstep in (False, True):
             lite.lockstep = lockstep
             before = lite.stats.decoder_calls
@@ -319,7 +320,7 @@ def test_lockstep_equals_box_by_box_and_reuse_equals_fresh(lite, sample_ct, samp
         assert lite.stats.decoded_prompts - before < np.count_nonzero(fresh.any(axis=(1, 2)))
         assert dice(reused, fresh) >= 0.999
     finally:
-        lite.lockstep, lite.reuse = True, True
+        lite.lockstep, lite.reuse, lite.decode_batch = True, True, decode_batch
 
 
 def test_extent_limit_bounds_the_mask_and_points_need_medsam2(lite, profiles):

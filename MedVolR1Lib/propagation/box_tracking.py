@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..anchor import VoxelBox
+from ..anchor import VoxelBox, box_iou_matrix
 
 # segment(slice_index, box, previous_logits) -> (mask bool (J, I), logits float (J, I) or None, score float)
 SegmentFn = Callable[[int, VoxelBox, Optional[np.ndarray]], tuple[np.ndarray, Optional[np.ndarray], float]]
@@ -376,8 +376,6 @@ def pair_boxes(lower: Sequence[VoxelBox], upper: Sequence[VoxelBox]) -> list[tup
 
     Two anchors' boxes of the same structure overlap (one kidney above the other); boxes that overlap
     nothing on the other anchor (a second kidney drawn on one slice only) are not bridged."""
-    from ..rewards import box_iou_matrix  # the one box IoU of the project
-
     if not lower or not upper:
         return []
     iou = box_iou_matrix([b.as_list() for b in lower], [b.as_list() for b in upper])

@@ -3,7 +3,7 @@ does not depend on the prompt done once per slice.
 
 Why: the corrections and the coherence reward decode many box prompts on the same few slices (a GRPO group
 is 8 rollouts x their boxes on each slice).  The vendored forward copies the slice's embedding per prompt and
-runs everything per prompt; on CPU about 2/3 of its 60-70 ms per prompt is memory traffic (adds of the
+runs everything per prompt; on CPU more than half of its 60-70 ms per prompt is memory traffic (adds of the
 positional encoding, head reshapes, a softmax over 7 tokens), not arithmetic.  This forward, for box prompts
 without a mask prompt (the image side then starts equal for every prompt on a slice):
 
@@ -117,9 +117,9 @@ class SliceSharedDecoder:
     # ------------------------------------------------------------------ attention, later blocks (per prompt)
     @staticmethod
     def _tokens_to_image(module, queries_in, image, image_with_pe):
-        """Tokens attend to the image (N, HW, C), or (HW, C) shared by all prompts, without projecting it: q . (W_k x + b_k) = (q W_k) . x + const
-        (the const is the same for every image token, so the softmax drops it), and with rows of attention
-        summing to 1, attention @ (x W_v^T + b_v) = (attention @ x) W_v^T + b_v."""
+        """Tokens attend to the image (N, HW, C), or (HW, C) shared by all prompts, without projecting it:
+        q . (W_k x + b_k) = (q W_k) . x + const (the const is the same for every image token, so the softmax
+        drops it), and with rows of attention summing to 1, attention @ (x W_v^T + b_v) = (attention @ x) W_v^T + b_v."""
         import torch
 
         n, t, _ = queries_in.shape
@@ -133,8 +133,8 @@ class SliceSharedDecoder:
         return module.out_proj(out)
 
     def _image_to_tokens(self, module, image_with_pe, tokens_with_pe, tokens):
-        """The image (N, HW, C), or (HW, C) shared, attends to the tokens: (W_q x + b_q) . k = x . (W_q^T k) + b_q . k
-        per token, so the image is not projected either."""
+        """The image (N, HW, C), or (HW, C) shared, attends to the tokens:
+        (W_q x + b_q) . k = x . (W_q^T k) + b_q . k per token, so the image is not projected either."""
         import torch
 
         n, t, _ = tokens.shape
