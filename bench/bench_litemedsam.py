@@ -15,8 +15,8 @@
 6. the coherence reward for a GRPO group of 8 rollouts vs one propagation (bench_grpo.bench_coherence,
    window +-8, lockstep tracking of the group).
 7. the mask decoder: the vendored forward vs the slice-shared one (`lite_decoder.SliceSharedDecoder`), ms per
-   prompt for 1 and for 16 prompts on one slice (a GRPO group's 8 rollouts x 2 boxes), interleaved, best of 3,
-   with the largest logit difference between the two.
+   prompt for 1 prompt and for 8 on one slice (a GRPO group's 8 rollouts of the right kidney's box, jittered),
+   interleaved, best of 3, with the largest logit difference between the two.
 `--sections 1,5,6,7` prints the issue-10 numbers in one run.
 Wall-clock numbers are noisy on a shared machine; ratios from one run are what to compare.
 """
