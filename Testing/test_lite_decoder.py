@@ -105,3 +105,20 @@ def test_propagation_gives_the_vendored_masks(lite, kidneys, sample_volume):
     assert np.count_nonzero(shared != reference) <= 5, "the two forwards may differ only on a rounding-tied voxel"
     for label in (1, 2):
         assert dice(shared == label, reference == label) >= 0.999
+
+
+def test_a_large_step_equals_its_prompts_one_by_one(lite, kidneys):
+    """More prompts than one upsampling batch (UPSAMPLE_BATCH) in one lockstep step: each mask, score and logit
+    map is the one the prompt gets alone."""
+    from MedVolR1Lib.propagation.litemedsam import UPSAMPLE_BATCH
+
+    k = kidneys.key_slice
+    base = list(kidneys.boxes(k))
+    boxes = [VoxelBox(b.i0 + d, b.j0 - d, b.i1 + d, b.j1) for d in range(UPSAMPLE_BATCH) for b in base][: UPSAMPLE_BATCH + 4]
+    slices = [k + (n % 3) - 1 for n in range(len(boxes))]
+    together = lite._decode_batch(slices, boxes, None)
+    assert len(together) == len(boxes) > UPSAMPLE_BATCH
+    for n in (0, UPSAMPLE_BATCH - 1, UPSAMPLE_BATCH, len(boxes) - 1):
+        mask, logits, score = lite._decode_batch([slices[n]], [boxes[n]], None)[0]
+        assert np.array_equal(together[n][0], mask)
+        assert np.allclose(together[n][1], logits, atol=1e-4) and abs(together[n][2] - score) < 1e-5

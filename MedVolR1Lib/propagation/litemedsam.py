@@ -42,6 +42,7 @@ CHECKPOINT_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c302
 DEFAULT_RULES = TrackingRules()
 DECODE_CACHE_BYTES = 256 * 2**20  # decoded prompts kept per volume (a full-resolution bool mask each)
 WALK_CACHE_BYTES = 256 * 2**20  # tracked walks kept per volume (their masks share arrays with the decoded prompts)
+UPSAMPLE_BATCH = 16  # decoded masks brought to the slice grid per call
 
 
 def default_checkpoint() -> Optional[Path]:
@@ -337,10 +338,12 @@ class LiteMedSAMPropagator(Propagator):
                     iou_parts.append(iou.reshape(-1))
                     self.stats.decoder_calls += 1
                 low_res, iou = torch.cat(low_parts), torch.cat(iou_parts)
-            cropped = low_res[..., :new_h, :new_w]
-            full = F.interpolate(cropped, size=(rows, cols), mode="bilinear", align_corners=False)
+            # to the slice's grid in parts: a float copy of every prompt's mask at 512 x 512 is 1 MB each
+            full_masks = np.concatenate([
+                (F.interpolate(low_res[start : start + UPSAMPLE_BATCH, :, :new_h, :new_w], size=(rows, cols),
+                               mode="bilinear", align_corners=False)[:, 0] > 0).cpu().numpy()
+                for start in range(0, len(boxes), UPSAMPLE_BATCH)])
         self.stats.decoded_prompts += len(boxes)
-        full_masks = (full[:, 0] > 0).cpu().numpy()
         low = low_res[:, 0].cpu().numpy()
         scores = iou.tolist()
         return [(full_masks[n], low[n], float(scores[n])) for n in range(len(boxes))]
