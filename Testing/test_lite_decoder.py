@@ -68,7 +68,7 @@ def test_logits_and_iou_match_the_vendored_forward(lite, kidneys, prompts):
     assert (state.projected is not None) == (prompts >= PROJECT_FROM)
     assert out.logits.shape == ref_logits.shape and out.iou.shape == ref_iou.shape
     scale = float(ref_logits.abs().max())
-    assert float((out.logits - ref_logits).abs().max()) <= 1e-5 * max(scale, 1.0) * 10
+    assert float((out.logits - ref_logits).abs().max()) <= 1e-4 * max(scale, 1.0)
     assert float((out.iou - ref_iou).abs().max()) <= 1e-5
     decided = ref_logits.abs() > 1e-3  # pixels whose sign a rounding difference could not flip
     assert torch.equal(out.logits[decided] > 0, ref_logits[decided] > 0)

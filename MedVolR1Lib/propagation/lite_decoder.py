@@ -225,7 +225,7 @@ class SliceSharedDecoder:
     def decode_slices(self, embeddings: Mapping, slices: Sequence, boxes, chunk: int) -> DecodedBatch:
         """Prompts on several slices: prompt n lies on slice `slices[n]`, whose embedding (1, C, 64, 64) is
         `embeddings[slices[n]]`.  Each slice's shared work is done once, its prompts decoded in chunks of `chunk`
-        (bounds the activations, about 20 MB per prompt)."""
+        (bounds the activations, some 30 MB per prompt)."""
         import torch
 
         by_slice: dict = {}
