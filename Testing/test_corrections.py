@@ -132,19 +132,19 @@ def test_best_score_and_union_combine_the_two_anchors_walks():
     below = TrackResult({k: low for k in range(8, 14)}, scores={k: 0.9 for k in range(8, 14)})
     above = TrackResult({k: high for k in range(11, 16)}, scores={11: 0.95, 12: 0.5, 13: 0.5, 14: 0.5, 15: 0.5})
     nearest = compose([8, 15], [[below], [above]], SHAPE)
-    scored = compose([8, 15], [[below], [above]], SHAPE, choose="score")
+    scored = compose([8, 15], [[below], [above]], SHAPE, between="best_score")
     assert nearest[12, 25, 25] and not nearest[12, 7, 7]  # 12 is nearer to 15 (3) than to 8 (4)
     assert scored[12, 7, 7] and not scored[12, 25, 25]  # 0.9 > 0.5
     assert scored[11, 25, 25] and not scored[11, 7, 7]  # 0.95 > 0.9
     assert scored[14, 25, 25] and scored[9, 7, 7]  # one walk only: it is taken
-    union = compose([8, 15], [[below], [above]], SHAPE, choose="union")
+    union = compose([8, 15], [[below], [above]], SHAPE, between="union")
     assert all(union[k, 7, 7] and union[k, 25, 25] for k in (11, 12, 13))  # both walks between the anchors
     assert not union[10, 25, 25] and not union[14, 7, 7]  # where only one walk reached
     reaching = TrackResult({k: low for k in range(8, 16)}, scores={k: 0.9 for k in range(8, 16)})  # up to anchor 15
-    union = compose([8, 15], [[reaching], [above]], SHAPE, choose="union")
+    union = compose([8, 15], [[reaching], [above]], SHAPE, between="union")
     assert union[15, 25, 25] and not union[15, 7, 7] and union[14, 7, 7]  # an anchor's own slice: its own mask only
     with pytest.raises(ValueError):
-        compose([8, 15], [[below], [above]], SHAPE, choose="blend")
+        compose([8, 15], [[below], [above]], SHAPE, between="blend")
     assert anchor_ranges([10, 20], 0, 29, "best_score") == anchor_ranges([10, 20], 0, 29, "nearest_reached")
 
 

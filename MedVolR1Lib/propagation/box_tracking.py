@@ -230,8 +230,9 @@ def track_walks(
 
 
 def _guard(mask: np.ndarray, score: float, prev_mask: np.ndarray, rules: TrackingRules,
-           drift_reference: Optional[np.ndarray] = None) -> str:
-    """Why this slice's mask ends the walk ("" when it is accepted)."""
+           drift_reference: np.ndarray) -> str:
+    """Why this slice's mask ends the walk ("" when it is accepted); drift is measured against `drift_reference`
+    (the previous mask, or the anchor's box on a walk's first step)."""
     area = int(mask.sum())
     if area < rules.min_area:
         return "vanished"
@@ -240,8 +241,7 @@ def _guard(mask: np.ndarray, score: float, prev_mask: np.ndarray, rules: Trackin
     prev_area = int(prev_mask.sum())
     if rules.max_area_ratio is not None and area > rules.max_area_ratio * prev_area:
         return f"area jump {area}/{prev_area}"
-    reference = prev_mask if drift_reference is None else drift_reference
-    if rules.min_overlap > 0 and (mask & reference).sum() < rules.min_overlap * area:
+    if rules.min_overlap > 0 and (mask & drift_reference).sum() < rules.min_overlap * area:
         return "drift"
     return ""
 
@@ -323,17 +323,18 @@ def compose(
     shape_kji: tuple[int, int, int],
     *,
     merge: bool = True,
-    choose: str = "nearest",
+    between: str = "nearest",
 ) -> np.ndarray:
-    """One uint8 mask from the walks of each anchor (tracks[n][b]: box b of the n-th anchor, sorted by slice).
+    """One uint8 mask from the walks of each anchor (tracks[n][b]: box b of the n-th anchor, sorted by slice),
+    for the `between` mode whose `anchor_ranges` the walks ran in.
 
-    Each slice takes the masks of the nearest anchor (a tie to the lower one) that has a mask there; with
-    `anchor_ranges(..., "nearest")` only one anchor can have one.  choose="score": the anchor whose masks there
+    Each slice takes the masks of the nearest anchor (a tie to the lower one) that has a mask there ("nearest",
+    "nearest_reached"; under "nearest" only one anchor can have one).  "best_score": the anchor whose masks there
     have the highest mean segmenter score instead (nearest on a tie); "union": every anchor's masks there, except
     on an anchor's own slice.  Value 1 when `merge`, else b + 1 (later boxes of the chosen anchor win overlaps;
     under "union" the nearest anchor's)."""
-    if choose not in ("nearest", "score", "union"):
-        raise ValueError(f"choose must be 'nearest', 'score' or 'union', got {choose!r}")
+    if between not in BETWEEN_MODES:
+        raise ValueError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
     out = np.zeros(shape_kji, dtype=np.uint8)
     ks = [int(k) for k in anchor_slices]
     covered = sorted({k for boxes in tracks for track in boxes for k in track.masks})
@@ -343,13 +344,13 @@ def compose(
             present = [(b, track.masks[k], track.scores.get(k, 0.0)) for b, track in enumerate(tracks[n]) if k in track.masks]
             if present:
                 candidates.append(present)
-                if choose == "nearest" or k == ks[n]:
+                if between in ("nearest", "nearest_reached") or k == ks[n]:
                     break
         if not candidates:
             continue
-        if choose == "union" and k not in ks:
+        if between == "union" and k not in ks:
             chosen = [item for present in reversed(candidates) for item in present]
-        elif choose == "score":
+        elif between == "best_score":
             chosen = max(candidates, key=lambda p: sum(s for _, _, s in p) / len(p))
         else:
             chosen = candidates[0]

@@ -49,6 +49,15 @@ class DecodedBatch:
     calls: int = 1
 
 
+def vendored_decode(prompt_encoder, mask_decoder, embeddings, boxes, masks=None) -> DecodedBatch:
+    """The package's own forward, the reference: box prompts (N, 4) in the 256 frame on embeddings (N or 1, C,
+    64, 64), optional mask prompts (N, 1, 256, 256) -> logits and IoU of the single mask."""
+    sparse, dense = prompt_encoder(points=None, boxes=boxes.view(-1, 1, 4), masks=masks)
+    logits, iou = mask_decoder(image_embeddings=embeddings, image_pe=prompt_encoder.get_dense_pe(),
+                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+    return DecodedBatch(logits[:, 0], iou[:, 0])
+
+
 class SliceSharedDecoder:
     """Decode box prompts, grouped by slice, with LiteMedSAM's prompt encoder and mask decoder weights."""
 

@@ -28,7 +28,7 @@ from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
 from .base import Propagator, resolve_slice_range
-from .lite_decoder import SliceSharedDecoder
+from .lite_decoder import SliceSharedDecoder, vendored_decode
 from .box_tracking import (
     SegmentRequest, TrackingRules, TrackResult, Walk, add_gap_masks, anchor_ranges, compose, gap_prompts, track_walks,
     truncate,
@@ -322,22 +322,15 @@ class LiteMedSAMPropagator(Propagator):
                 masks = None
                 if logits is not None:
                     masks = torch.from_numpy(np.stack(logits)).to(self.device).view(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
-                low_parts, iou_parts = [], []
+                parts = []
                 for start in range(0, len(boxes), self.decode_batch):
                     part = slice(start, start + self.decode_batch)
-                    sparse, dense = net.prompt_encoder(points=None, boxes=box256[part].unsqueeze(1),
-                                                       masks=None if masks is None else masks[part])
-                    low, iou = net.mask_decoder(
-                        image_embeddings=torch.cat([self._embeddings[z] for z in slices[part]]),
-                        image_pe=net.prompt_encoder.get_dense_pe(),
-                        sparse_prompt_embeddings=sparse,
-                        dense_prompt_embeddings=dense,
-                        multimask_output=False,
-                    )
-                    low_parts.append(low)
-                    iou_parts.append(iou.reshape(-1))
+                    parts.append(vendored_decode(net.prompt_encoder, net.mask_decoder,
+                                                 torch.cat([self._embeddings[z] for z in slices[part]]), box256[part],
+                                                 None if masks is None else masks[part]))
                     self.stats.decoder_calls += 1
-                low_res, iou = torch.cat(low_parts), torch.cat(iou_parts)
+                low_res = torch.cat([p.logits for p in parts]).unsqueeze(1)
+                iou = torch.cat([p.iou for p in parts])
             # to the slice's grid in parts: a float copy of every prompt's mask at 512 x 512 is 1 MB each
             full_masks = np.concatenate([
                 (F.interpolate(low_res[start : start + UPSAMPLE_BATCH, :, :new_h, :new_w], size=(rows, cols),
@@ -436,8 +429,7 @@ class LiteMedSAMPropagator(Propagator):
                 self.last_stops = [(t.stop_down, t.stop_up) for t in mine]
         if self.bridge:
             grouped = self._bridge([anchors for anchors, _ in plans], grouped)
-        out = [compose([a.slice_index for a in anchors], per_anchor, shape, merge=merge,
-                       choose={"best_score": "score", "union": "union"}.get(self.between, "nearest"))
+        out = [compose([a.slice_index for a in anchors], per_anchor, shape, merge=merge, between=self.between)
                for (anchors, _), per_anchor in zip(plans, grouped)]
         report(progress, 1.0, "propagation done")
         return out
