@@ -148,6 +148,30 @@ def test_best_score_and_union_combine_the_two_anchors_walks():
     assert anchor_ranges([10, 20], 0, 29, "best_score") == anchor_ranges([10, 20], 0, 29, "nearest_reached")
 
 
+def test_linked_union_adds_only_the_farther_walks_parts_that_touch_the_nearer_ones():
+    from MedVolR1Lib.propagation.box_tracking import TrackResult
+
+    near, far = np.zeros(SHAPE[1:], dtype=bool), np.zeros(SHAPE[1:], dtype=bool)
+    near[10:20, 10:20] = True  # what the walk from the near anchor (slice 12) found on slice 13
+    far[14:20, 20:26] = True  # the far walk's (from 20) extension of the same object: touches it
+    far[30:36, 30:36] = True  # ... and a neighbouring structure it ran onto: separate
+    diagonal = np.zeros(SHAPE[1:], dtype=bool)
+    diagonal[20, 20] = diagonal[21, 21] = diagonal[22, 22] = True  # touches near[19, 19] corner to corner
+    lower = TrackResult({k: near for k in range(12, 16)}, scores={k: 0.9 for k in range(12, 16)})
+    upper = TrackResult({k: far | diagonal for k in range(13, 21)}, scores={k: 0.9 for k in range(13, 21)})
+    linked = compose([12, 20], [[lower], [upper]], SHAPE, between="linked_union")
+    union = compose([12, 20], [[lower], [upper]], SHAPE, between="union")
+    assert union[13, 32, 32] and not linked[13, 32, 32]  # the separate part: only the plain union keeps it
+    assert linked[13, 16, 22] and linked[13, 15, 15] and linked[13, 22, 22]  # near, touching part, diagonal chain
+    assert np.array_equal(linked[13], near | far & ~(np.arange(40)[:, None] >= 30) | diagonal)
+    # On 17 the upper anchor is nearer and the lower walk did not reach it: the upper walk's masks, whole.
+    assert np.array_equal(linked[17], far | diagonal)
+    # Slice 16 is nearer to 20 but only the upper walk reached it; an anchor's own slice keeps its own masks.
+    assert np.array_equal(linked[16], far | diagonal) and np.array_equal(linked[12], near)
+    labelled = compose([12, 20], [[lower], [upper]], SHAPE, between="linked_union", merge=False)
+    assert labelled[13, 15, 15] == 1 and labelled[13, 16, 22] == 1 and labelled[13, 32, 32] == 0
+
+
 def test_key_box_drift_judges_the_first_step_against_the_anchor_box():
     truth = np.zeros(SHAPE, dtype=bool)
     truth[5:15, 10:20, 5:25] = True

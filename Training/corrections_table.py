@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated label names")
     parser.add_argument("--corrections", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
-    parser.add_argument("--between", default="union", choices=BETWEEN_MODES,
+    parser.add_argument("--between", default="linked_union", choices=BETWEEN_MODES,
                         help="which anchor's walk a slice between two anchors takes (box_tracking.anchor_ranges)")
     parser.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
                         help="fill slices between two anchors that no walk reached with interpolated boxes")

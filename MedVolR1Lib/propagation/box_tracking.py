@@ -283,7 +283,7 @@ def truncate(result: TrackResult, walk_range: tuple[int, int], new_range: tuple[
 # ---------------------------------------------------------------------------------------------------------
 # several anchors: which slices each anchor's walks cover, and how their masks combine
 
-BETWEEN_MODES = ("nearest", "nearest_reached", "best_score", "union")
+BETWEEN_MODES = ("nearest", "nearest_reached", "best_score", "union", "linked_union")
 
 
 def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str = "nearest") -> list[tuple[int, int]]:
@@ -297,6 +297,9 @@ def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str =
         takes the one whose masks the segmenter scores higher there (its own IoU estimate).
     union: the ranges of nearest_reached; a slice between two anchors takes the union of both anchors' masks
         there (an anchor's own slice keeps its own masks).
+    linked_union: the ranges of nearest_reached; a slice between two anchors takes the nearer anchor's masks plus
+        the parts of the farther anchor's masks that touch them (a walk that ran onto a neighbouring structure,
+        such as the next vertebra's body, adds nothing there).
     """
     if between not in BETWEEN_MODES:
         raise ValueError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
@@ -310,7 +313,7 @@ def anchor_ranges(anchor_slices: Sequence[int], lo: int, hi: int, between: str =
         if between == "nearest":
             low = lo if below is None else (below + k) // 2 + 1
             high = hi if above is None else (k + above) // 2
-        else:  # nearest_reached, best_score, union
+        else:  # nearest_reached, best_score, union, linked_union
             low = lo if below is None else below + 1
             high = hi if above is None else above - 1
         ranges.append((low, high))
@@ -331,8 +334,9 @@ def compose(
     Each slice takes the masks of the nearest anchor (a tie to the lower one) that has a mask there ("nearest",
     "nearest_reached"; under "nearest" only one anchor can have one).  "best_score": the anchor whose masks there
     have the highest mean segmenter score instead (nearest on a tie); "union": every anchor's masks there, except
-    on an anchor's own slice.  Value 1 when `merge`, else b + 1 (later boxes of the chosen anchor win overlaps;
-    under "union" the nearest anchor's)."""
+    on an anchor's own slice; "linked_union": the nearest anchor's masks and the connected parts of farther anchors'
+    masks that touch them (8-connected, one voxel apart at most).  Value 1 when `merge`, else b + 1 (later boxes of
+    the chosen anchor win overlaps; under the unions the nearest anchor's)."""
     if between not in BETWEEN_MODES:
         raise ValueError(f"between must be one of {BETWEEN_MODES}, got {between!r}")
     out = np.zeros(shape_kji, dtype=np.uint8)
@@ -350,6 +354,8 @@ def compose(
             continue
         if between == "union" and k not in ks:
             chosen = [item for present in reversed(candidates) for item in present]
+        elif between == "linked_union" and k not in ks:
+            chosen = _linked_parts(candidates)
         elif between == "best_score":
             chosen = max(candidates, key=lambda p: sum(s for _, _, s in p) / len(p))
         else:
@@ -357,6 +363,28 @@ def compose(
         for b, mask, _ in chosen:
             out[k][mask] = 1 if merge else b + 1
     return out
+
+
+def _linked_parts(candidates: list[list[tuple[int, np.ndarray, float]]]) -> list[tuple[int, np.ndarray, float]]:
+    """The nearest anchor's masks (candidates[0]) and, anchor by anchor outward, the connected parts of each
+    farther mask that touch (within one voxel) everything kept so far; ordered so that the nearest anchor's masks
+    are painted last."""
+    from scipy import ndimage
+
+    chosen = list(candidates[0])
+    kept = np.logical_or.reduce([mask for _, mask, _ in chosen])
+    for present in candidates[1:]:
+        reach = ndimage.binary_dilation(kept, structure=np.ones((3, 3), dtype=bool))
+        added = []
+        for b, mask, score in present:
+            parts, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+            touching = np.unique(parts[reach & (parts > 0)]) if count else ()
+            if len(touching):
+                linked = np.isin(parts, touching)
+                added.append((b, linked, score))
+                kept = kept | linked
+        chosen = added + chosen
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------
