@@ -365,6 +365,9 @@ def compose(
     return out
 
 
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
 def _linked_parts(candidates: list[list[tuple[int, np.ndarray, float]]]) -> list[tuple[int, np.ndarray, float]]:
     """The nearest anchor's masks (candidates[0]) and, anchor by anchor outward, the connected parts of each
     farther mask that touch (within one voxel) everything kept so far; ordered so that the nearest anchor's masks
@@ -374,10 +377,10 @@ def _linked_parts(candidates: list[list[tuple[int, np.ndarray, float]]]) -> list
     chosen = list(candidates[0])
     kept = np.logical_or.reduce([mask for _, mask, _ in chosen])
     for present in candidates[1:]:
-        reach = ndimage.binary_dilation(kept, structure=np.ones((3, 3), dtype=bool))
+        reach = ndimage.binary_dilation(kept, structure=_EIGHT_NEIGHBOURS)
         added = []
         for b, mask, score in present:
-            parts, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+            parts, count = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
             touching = np.unique(parts[reach & (parts > 0)]) if count else ()
             if len(touching):
                 linked = np.isin(parts, touching)

@@ -344,7 +344,7 @@ class LiteMedSAMPropagator(Propagator):
 
     def segment_many(self, requests: Sequence[SegmentRequest]):
         """Decode a lockstep step: identical prompts once, prompts already decoded on this volume not again
-        (`reuse`), the rest together (box-only prompts) or in calls of up to `decode_batch` (mask prompts)."""
+        (`reuse`), the rest in decoder calls of up to `decode_batch` prompts (`_decode_batch`)."""
         unique: dict[tuple, int] = {}
         order: list[int] = []  # request n -> index of its unique prompt
         firsts: list[SegmentRequest] = []
