@@ -474,3 +474,41 @@ def test_every_slice_boxed_scores_above_one_anchor_on_l3(lite, sample_volume, pr
     every_dice, every_nsd = every_slice_scores(lite, sample_volume, l3)
     assert 0.0 <= every_nsd <= 1.0
     assert every_dice > dice(one, l3.mask) + 0.2
+
+
+# ------------------------------------------------------------------ the table script with MedSAM2 (micro SAM2)
+
+def test_corrections_table_runs_the_protocol_through_medsam2(micro_sam2, sample_ct, tmp_path):
+    """`Training/corrections_table.py --propagator medsam2` runs the simulated user through MedSAM2's multi-frame
+    path on the real sample CT (the micro SAM2's random weights: wiring, not accuracy), and refuses to start
+    without a checkpoint."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, overrides = micro_sam2
+    script = Path(__file__).resolve().parents[1] / "Training" / "corrections_table.py"
+    out, curves = tmp_path / "corrections.md", tmp_path / "curves.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(
+        [sys.executable, str(script), "--propagator", "medsam2", "--sam-checkpoint", str(path), "--device", "cpu",
+         *[a for o in overrides for a in ("--sam-override", o)], "--targets", "kidney_left", "--corrections", "1",
+         "--out", str(out), "--json", str(curves)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = out.read_text()
+    assert report.startswith("# Simulated-user corrections: MedSAM2 on the sample CT")
+    assert '"name": "medsam2"' in report and "| kidney_left |" in report
+    data = json.loads(curves.read_text())
+    for curve in (data["plain"][0], data["extent_first"][0]):
+        assert len(curve["dice"]) == 2 and len(curve["actions"]) == 1  # the GT anchor, then one correction
+        assert all(0.0 <= d <= 1.0 for d in curve["dice"])
+    assert data["extent_first"][0]["actions"][0].startswith("extent ")
+    assert set(data["every_slice_boxed"]) == {"kidney_left"}
+
+    missing = subprocess.run([sys.executable, str(script), "--propagator", "medsam2", "--out", str(tmp_path / "x.md")],
+                             capture_output=True, text=True, timeout=120, env=env)
+    assert missing.returncode == 2 and "--sam-checkpoint" in missing.stderr
+    assert not (tmp_path / "x.md").exists()

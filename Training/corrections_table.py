@@ -1,6 +1,9 @@
-"""Simulated-user corrections on the real sample CT with LiteMedSAM: Dice / NSD after 0..5 corrections, as markdown.
+"""Simulated-user corrections on the real sample CT: Dice / NSD after 0..5 corrections, as markdown.
 
     OMP_NUM_THREADS=2 python Training/corrections_table.py --out docs/corrections_litemedsam.md
+    python Training/corrections_table.py --propagator medsam2 --sam-checkpoint MedSAM2_latest.pt --device cuda
+
+LiteMedSAM ships with its wheel; MedSAM2 needs its checkpoint (a GPU server: about 0.3-0.5 s per slice on a CPU).
 
 The protocol is library code (MedVolR1Lib.propagation.simulated_user); this file parses flags, runs it twice
 (plain, and with the GT extent as the first correction) and writes the report.  A "## Notes" section already
@@ -43,16 +46,19 @@ def _table(curves, title: str, ceilings=None) -> list[str]:
     return lines
 
 
+TITLES = {"litemedsam": "LiteMedSAM", "medsam2": "MedSAM2"}
+
+
 def render(plain, extent, *, command: str, machine: str, seconds: float, describe: dict, notes: str,
-           ceilings=None) -> str:
+           ceilings=None, propagator: str = "litemedsam") -> str:
     lines = [
-        "# Simulated-user corrections: LiteMedSAM on the sample CT",
+        f"# Simulated-user corrections: {TITLES[propagator]} on the sample CT",
         "",
         "Protocol (MedVolR1Lib/propagation/simulated_user.py): start from the GT anchor (max-area slice, GT component "
         "boxes, as docs/oracle_litemedsam.md); each correction goes to the slice without an anchor that has the most "
-        "wrong voxels (missed + leaked): if the target is on it, the user draws its GT boxes there (a new anchor, "
-        "its walk restarts from that box); if not (a leak past the target's end), the user limits the extent on "
-        "that side at the target's last slice. Up to 5 corrections; a target with no wrong slice left keeps its "
+        "wrong voxels (missed + leaked): if the target is on it, the user draws its GT boxes there (a new anchor: "
+        "LiteMedSAM's walk restarts from that box, MedSAM2 takes it as one more prompted frame); if not (a leak "
+        "past the target's end), the user limits the extent on that side at the target's last slice. Up to 5 corrections; a target with no wrong slice left keeps its "
         "last score. Scores vs the reference labels (TotalSegmentator's own predictions) at 3 mm: Dice, NSD 2 mm. "
         "\"Every slice boxed\" is the curve's limit: the GT boxes on every slice of the target, each slice keeping "
         "the segmenter's own mask for them (`simulated_user.every_slice_scores`).",
@@ -80,10 +86,14 @@ def main(argv=None) -> int:
     from MedVolR1Lib.propagation.box_tracking import BETWEEN_MODES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/corrections_litemedsam.md")
+    parser.add_argument("--out", help="markdown report (default docs/corrections_<propagator>.md)")
+    parser.add_argument("--propagator", default="litemedsam", choices=tuple(TITLES))
+    parser.add_argument("--sam-checkpoint", help="MedSAM2_latest.pt (--propagator medsam2)")
+    parser.add_argument("--sam-override", action="append", default=[], help="hydra override for MedSAM2 (repeatable)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated label names")
     parser.add_argument("--corrections", type=int, default=5)
-    parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"))
+    parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"), help="LiteMedSAM's encoder")
     parser.add_argument("--between", default="linked_union", choices=BETWEEN_MODES,
                         help="which anchor's walk a slice between two anchors takes (box_tracking.anchor_ranges)")
     parser.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
@@ -96,16 +106,21 @@ def main(argv=None) -> int:
                         help="window each target for its tissue (bone for vertebrae, lung, else abdomen: "
                              "windowing.window_for_target); --no-target-windows: the abdomen window for all")
     args = parser.parse_args(argv)
+    if args.propagator == "medsam2" and not args.sam_checkpoint:
+        parser.error("--propagator medsam2 needs --sam-checkpoint PATH (MedSAM2_latest.pt from "
+                     "https://huggingface.co/wanglab/MedSAM2)")
 
     import torch
 
     from MedVolR1Lib.propagation.box_tracking import TrackingRules
+    from MedVolR1Lib.propagation.factory import build_propagator
     from MedVolR1Lib.propagation.litemedsam import LiteMedSAMPropagator
     from MedVolR1Lib.propagation.oracle import gt_profile
     from MedVolR1Lib.propagation.simulated_user import correction_curves, every_slice_scores
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.readers import load_label_map, load_volume
     from MedVolR1Lib.volume import atomic_write
+    from MedVolR1Lib.targets import keeps_largest_component
     from MedVolR1Lib.windowing import window_for_target
 
     torch.set_num_threads(args.threads)
@@ -114,14 +129,21 @@ def main(argv=None) -> int:
     labels = load_label_map(sample.labels_path, volume)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     ids = {name: value for value, name in sample.label_names.items()}
-    propagators: dict = {}  # one per window: slice embeddings depend on the window, so each keeps its own cache
+    propagators: dict = {}  # one per window (and MedSAM2 component setting): each keeps its own feature cache
 
     def propagator_for(name: str):
         window = window_for_target(name, volume.modality) if args.target_windows else None
+        if args.propagator == "medsam2":  # None would mean the target's window there, so name the CT default
+            window = window or "abdomen"
+            key = (window, keeps_largest_component(name))
+            if key not in propagators:
+                propagators[key] = build_propagator("medsam2", sam_checkpoint=args.sam_checkpoint, device=args.device,
+                                                    window=window, sam_overrides=args.sam_override, target=name)
+            return propagators[key]
         if window not in propagators:
             rules = TrackingRules() if args.min_overlap is None else replace(TrackingRules(), min_overlap=args.min_overlap)
             propagators[window] = LiteMedSAMPropagator(precision=args.precision, between=args.between, bridge=args.bridge,
-                                                       window=window, rules=rules)
+                                                       window=window, rules=rules, device=args.device)
         return propagators[window]
 
     t0 = time.perf_counter()
@@ -141,12 +163,13 @@ def main(argv=None) -> int:
             _write_json(args.json, runs, ceilings, atomic_write)
     seconds = time.perf_counter() - t0
 
-    out = Path(args.out)
+    out = Path(args.out or f"docs/corrections_{args.propagator}.md")
     notes = kept_section(out, NOTES_HEADING)
     command = f"OMP_NUM_THREADS={args.threads} python " + " ".join(
         shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     report = render(runs[False], runs[True], command=command, machine=_machine(), seconds=seconds,
-                    describe=[p.describe() for p in propagators.values()], notes=notes, ceilings=ceilings)
+                    describe=[p.describe() for p in propagators.values()], notes=notes, ceilings=ceilings,
+                    propagator=args.propagator)
     atomic_write(out, lambda tmp: Path(tmp).write_text(report))
     print(report)
     return 0
