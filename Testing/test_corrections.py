@@ -4,6 +4,7 @@ The tracking logic is tested with a toy segmenter; the LiteMedSAM path with the 
 real sample CT, inside one slice window (76-96: L3's, the right kidney's, L1's and the pancreas' key slices)
 shared by every test through one module-scoped propagator; and the simulated user's whole protocol on the 14
 reported targets over the whole scan (one propagator per tissue window), which encodes the scan about twice.
+The table script's MedSAM2 path runs once, with the micro SAM2, on one target.
 """
 
 from __future__ import annotations

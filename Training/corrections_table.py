@@ -58,8 +58,9 @@ def render(plain, extent, *, command: str, machine: str, seconds: float, describ
         "boxes, as docs/oracle_litemedsam.md); each correction goes to the slice without an anchor that has the most "
         "wrong voxels (missed + leaked): if the target is on it, the user draws its GT boxes there (a new anchor: "
         "LiteMedSAM's walk restarts from that box, MedSAM2 takes it as one more prompted frame); if not (a leak "
-        "past the target's end), the user limits the extent on that side at the target's last slice. Up to 5 corrections; a target with no wrong slice left keeps its "
-        "last score. Scores vs the reference labels (TotalSegmentator's own predictions) at 3 mm: Dice, NSD 2 mm. "
+        "past the target's end), the user limits the extent on that side at the target's last slice. Up to 5 "
+        "corrections; a target with no wrong slice left keeps its last score. Scores vs the reference labels "
+        "(TotalSegmentator's own predictions) at 3 mm: Dice, NSD 2 mm. "
         "\"Every slice boxed\" is the curve's limit: the GT boxes on every slice of the target, each slice keeping "
         "the segmenter's own mask for them (`simulated_user.every_slice_scores`).",
         "",
@@ -106,6 +107,8 @@ def main(argv=None) -> int:
                         help="window each target for its tissue (bone for vertebrae, lung, else abdomen: "
                              "windowing.window_for_target); --no-target-windows: the abdomen window for all")
     args = parser.parse_args(argv)
+    if not any(t.strip() for t in args.targets.split(",")):
+        parser.error("--targets names no target")
     if args.propagator == "medsam2" and not args.sam_checkpoint:
         parser.error("--propagator medsam2 needs --sam-checkpoint PATH (MedSAM2_latest.pt from "
                      "https://huggingface.co/wanglab/MedSAM2)")
@@ -119,8 +122,8 @@ def main(argv=None) -> int:
     from MedVolR1Lib.propagation.simulated_user import correction_curves, every_slice_scores
     from MedVolR1Lib.sample_data import fetch_sample
     from MedVolR1Lib.readers import load_label_map, load_volume
-    from MedVolR1Lib.volume import atomic_write
     from MedVolR1Lib.targets import keeps_largest_component
+    from MedVolR1Lib.volume import atomic_write
     from MedVolR1Lib.windowing import window_for_target
 
     torch.set_num_threads(args.threads)
