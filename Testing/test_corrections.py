@@ -9,7 +9,12 @@ The table script's MedSAM2 path runs once, with the micro SAM2, on one target.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -483,12 +488,6 @@ def test_corrections_table_runs_the_protocol_through_medsam2(micro_sam2, sample_
     """`Training/corrections_table.py --propagator medsam2` runs the simulated user through MedSAM2's multi-frame
     path on the real sample CT (the micro SAM2's random weights: wiring, not accuracy), and refuses to start
     without a checkpoint."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     path, overrides = micro_sam2
     script = Path(__file__).resolve().parents[1] / "Training" / "corrections_table.py"
     out, curves = tmp_path / "corrections.md", tmp_path / "curves.json"

@@ -51,10 +51,11 @@ class Propagator(ABC):
 
         `evidence` is an `Evidence` (or a single `EvidenceAnchor`, see `Evidence.coerce`): between two anchors
         each slice takes what is tracked from them (MedSAM2: the nearer anchor's pass; LiteMedSAM: by default the
-        nearer anchor's walk and the parts of the farther one's that touch it, see box_tracking.anchor_ranges); beyond the outermost anchors tracking
-        goes outward; nothing passes `evidence.z_range`; points are for backends that take them (others raise
-        AnchorError). Returns uint8 (K, J, I): 0/1 when `merge`, else label b+1 for box b of the first anchor
-        (later boxes win overlaps). `slice_range` (inclusive) limits the work to a window (coherence reward).
+        nearer anchor's walk and the parts of the farther one's that touch it, see box_tracking.anchor_ranges);
+        beyond the outermost anchors tracking goes outward; nothing passes `evidence.z_range`; points are for
+        backends that take them (others raise AnchorError). Returns uint8 (K, J, I): 0/1 when `merge`, else label
+        b+1 for box b of the first anchor (later boxes win overlaps). `slice_range` (inclusive) limits the work to
+        a window (coherence reward).
         """
 
     def propagate_many(
