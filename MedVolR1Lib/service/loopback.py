@@ -3,8 +3,8 @@
 Why a socket and not the worker's stdin/stdout: Windows has non-blocking pipes only from Python 3.12
 (`os.set_blocking`) and its `select()` takes sockets only, so a GUI thread that must never wait could not
 poll a pipe there; a reader thread is no way out either, because Slicer's main thread holds the GIL while Qt
-idles.  Non-blocking sockets and `select()` on sockets work on every OS and Python version.  The socket also
-bypasses Slicer's launcher (`PythonSlicer` runs `python-real` as its child), which need not forward pipes.
+idles.  Non-blocking sockets and `select()` on sockets work on every OS and Python version.  Nor does the
+socket depend on how Slicer's launcher (`PythonSlicer` runs `python-real` as its child) passes its streams on.
 
 The connection ties the worker to its client: when it closes (Cancel, Slicer quits or crashes) the worker
 exits on its own, even in the middle of a model load that writes nothing (`exit_when_closed`).

@@ -21,7 +21,7 @@ def _write(out: BinaryIO, data: bytes) -> None:
 
 
 class _ThrottledProgress:
-    """Progress frames at most every `interval` seconds (plus the last one), so a chatty model does not flood the pipe."""
+    """Progress frames at most every `interval` seconds (plus the last one), so a chatty model does not flood the connection."""
 
     def __init__(self, out: BinaryIO, interval: float = 0.05) -> None:
         self._out, self._interval, self._last = out, interval, 0.0
