@@ -110,7 +110,12 @@ def _tree(pid: int) -> set[int]:
 
 
 def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    try:
+        import psutil
+
+        return psutil.Process(pid).ppid()
+    except ImportError:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def _wait_gone(pids: set[int], seconds: float) -> set[int]:
@@ -267,6 +272,25 @@ def test_killing_only_the_launcher_orphans_the_worker_and_a_closed_connection_en
 
 
 # ---------------------------------------------------------------------------------------- the connect-back
+
+
+@posix_only
+def test_a_worker_that_never_connects_is_reported_and_stopped(tmp_path):
+    hung = tmp_path / "hung-python"
+    hung.write_text("#!/bin/sh\nsleep 600\nexit 0\n")  # an interpreter that hangs before running anything
+    hung.chmod(0o755)
+    client = WorkerClient(str(hung), log_dir=str(tmp_path / "logs"), connect_timeout=1.0)
+    job = client.start(None, p.Stats())
+    deadline = time.monotonic() + 10
+    while len(tree := _tree(client.pid)) < 2 and time.monotonic() < deadline:  # the script has started `sleep`
+        time.sleep(0.02)
+    assert len(tree) == 2
+    assert job.wait(30)
+    state = job.poll()
+    assert isinstance(state.error, p.ServiceError) and state.error.error_class == "WorkerStartError"
+    assert "did not connect within 1 s" in str(state.error) and "\n" not in str(state.error)
+    assert not _wait_gone(tree, 5.0) and not client.alive
+
 
 
 def test_only_the_worker_with_the_secret_is_accepted():

@@ -71,6 +71,7 @@ class SocketTransport(Transport):
                  connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         self.process, self.log_path = process, log_path
         self._rendezvous: Optional[Rendezvous] = rendezvous
+        self._connect_timeout = connect_timeout
         self._connect_deadline = time.monotonic() + connect_timeout
         self._sock: Optional[socket.socket] = None
         self.worker_pid: Optional[int] = None  # the process that serves (the launcher's child), once connected
@@ -115,7 +116,7 @@ class SocketTransport(Transport):
                 self.closed = True  # exited before connecting (bad interpreter, failed import): closed_error says why
             elif time.monotonic() > self._connect_deadline:
                 raise p.ServiceError(
-                    f"the model worker did not connect within {CONNECT_TIMEOUT_S:.0f} s (log: {self.log_path})", "WorkerStartError")
+                    f"the model worker did not connect within {self._connect_timeout:g} s (log: {self.log_path})", "WorkerStartError")
             return False
         self._sock, self.worker_pid, self._rendezvous = connected.sock, connected.worker_pid, None
         return True
@@ -234,10 +235,11 @@ class ServiceClient:
 class WorkerClient(ServiceClient):
     """One warm worker process; one job at a time."""
 
-    def __init__(self, python: str = "", *, log_dir: Optional[str] = None) -> None:
+    def __init__(self, python: str = "", *, log_dir: Optional[str] = None, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         super().__init__()
         self.python = default_python(python)
         self._log_dir = Path(log_dir) if log_dir else default_log_dir()
+        self._connect_timeout = connect_timeout
         self._transport: Optional[SocketTransport] = None
         self.starts = 0  # worker processes started (tests: one warm worker serves many requests)
 
@@ -299,7 +301,7 @@ class WorkerClient(ServiceClient):
         except OSError as exc:
             rendezvous.close()
             raise p.ServiceError(f"cannot start the model worker with {self.python}: {exc.strerror or exc}", "WorkerStartError") from None
-        self._transport = SocketTransport(process, rendezvous, str(log_path))
+        self._transport = SocketTransport(process, rendezvous, str(log_path), self._connect_timeout)
         self.starts += 1
 
     def __del__(self) -> None:
