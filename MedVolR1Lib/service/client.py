@@ -115,8 +115,8 @@ class SocketTransport(Transport):
             if self.process.poll() is not None:
                 self.closed = True  # exited before connecting (bad interpreter, failed import): closed_error says why
             elif time.monotonic() > self._connect_deadline:
-                raise p.ServiceError(
-                    f"the model worker did not connect within {self._connect_timeout:g} s (log: {self.log_path})", "WorkerStartError")
+                raise p.ServiceError(f"the model worker did not connect within {self._connect_timeout:g} s (log: {self.log_path})",
+                                     "WorkerStartError")
             return False
         self._sock, self.worker_pid, self._rendezvous = connected.sock, connected.worker_pid, None
         return True
@@ -300,7 +300,8 @@ class WorkerClient(ServiceClient):
                 )
         except OSError as exc:
             rendezvous.close()
-            raise p.ServiceError(f"cannot start the model worker with {self.python}: {exc.strerror or exc}", "WorkerStartError") from None
+            raise p.ServiceError(f"cannot start the model worker with {self.python}: {exc.strerror or exc}",
+                                 "WorkerStartError") from None
         self._transport = SocketTransport(process, rendezvous, str(log_path), self._connect_timeout)
         self.starts += 1
 

@@ -129,7 +129,8 @@ def connect_back(environ=os.environ, timeout: float = 60.0) -> socket.socket:
     """Worker side: connect to the client named in the environment and prove who we are; a blocking socket."""
     address, secret = environ.pop(ADDRESS_ENV, ""), environ.pop(SECRET_ENV, "")
     if not address or not secret:
-        raise SystemExit(f"this is the model worker of MedVolR1Lib.service.client.WorkerClient; it needs {ADDRESS_ENV} and {SECRET_ENV}")
+        raise SystemExit(f"this is the model worker of MedVolR1Lib.service.client.WorkerClient; it needs {ADDRESS_ENV} "
+                         f"and {SECRET_ENV}")
     host, _, port = address.rpartition(":")
     if host != _LOOPBACK:
         raise SystemExit(f"the model worker connects to {_LOOPBACK} only, not {host!r}")
