@@ -79,10 +79,6 @@ class SocketTransport(Transport):
         self._reader = FrameReader()
         self.closed = False
 
-    @property
-    def connected(self) -> bool:
-        return self._sock is not None
-
     def send(self, payload: bytes) -> None:
         self._out += payload
 

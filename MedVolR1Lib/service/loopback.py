@@ -145,7 +145,8 @@ def exit_when_closed(sock: socket.socket, poll_s: float = 0.2) -> threading.Thre
 
     The main thread notices end-of-input only when it reads, which it does not while a model loads or runs;
     this thread peeks (never consumes) so the worker stops within moments of Cancel or Slicer's exit, whatever
-    it is doing.  os._exit: the main thread may be deep inside a C call that cannot be interrupted."""
+    it is doing (bytes the main thread has not read yet hide the close until it reads them).  os._exit: the
+    main thread may be deep inside a C call that cannot be interrupted."""
 
     def watch() -> None:
         while True:
