@@ -1,7 +1,7 @@
 """The local worker's transport as Slicer runs it: Windows' pipe limits, PythonSlicer's launcher, Cancel, logs.
 
 - Windows below Python 3.12 has no `os.set_blocking` and `select()` takes sockets only: both are imposed on
-  the client and on the worker (Testing/windows_constraints.py), and a whole Propagate runs through.
+  the client and on the worker (Testing/windows_constraints.py), and a whole Segment runs through.
 - PythonSlicer is a launcher that runs python-real as its child: a shell script does the same here, and the
   worker is held in a phase that writes nothing (a model load that takes long, simulated by a sleep in the
   child before the real engine answers).  Cancel must leave no process of the tree within 5 s; a client that
@@ -151,20 +151,35 @@ def _propagate(volume: Volume, config=None) -> p.Propagate:
 # --------------------------------------------------------------------------------- Windows' pipes, simulated
 
 
-@posix_only
-def test_a_whole_propagate_runs_where_pipes_cannot_be_polled(monkeypatch, tmp_path, sample_ct, micro_sam2):
-    import SimpleITK as sitk
+KIDNEY_LEFT = 3  # the sample CT's label
 
+
+def _kidney_crop(sample_volume, sample_labels, k0: int = 84, k1: int = 92):
+    """8 slices of the real sample CT through the kidneys, and the left kidney's mask on them."""
+    matrix = sample_volume.ijk_to_ras.copy()
+    matrix[:3, 3] = sample_volume.ras_from_ijk([0, 0, k0])
+    volume = Volume(sample_volume.array[k0:k1].copy(), matrix, modality=sample_volume.modality, name="kidney crop")
+    return volume, (sample_labels[k0:k1] == KIDNEY_LEFT).astype(np.uint8)
+
+
+@posix_only
+def test_a_whole_segment_runs_where_pipes_cannot_be_polled(monkeypatch, tmp_path, sample_volume, sample_labels, micro_sam2):
+    """Query -> VLM -> key slice and box -> MedSAM2 propagation, in a worker under a launcher, with Windows' pipe
+    limits on both sides.  The tiny Qwen is taught the answer that points at the left kidney (a wiring fixture)."""
+    from MedVolR1Lib.anchor import parse_answer
+    from MedVolR1Lib.fixtures.answering_qwen import answer_for_mask, build_answering_tiny_qwen
     from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
-    from MedVolR1Lib.readers import load_volume
+    from MedVolR1Lib.views import ViewGeometry
     import windows_constraints
 
-    crop = tmp_path / "crop.nii.gz"
-    sitk.WriteImage(sitk.ReadImage(str(sample_ct.ct_path))[:, :, 84:92], str(crop))  # 8 slices through the kidneys
-    volume = load_volume(crop)
-    config = PipelineConfig(propagator="medsam2", sam_checkpoint=str(micro_sam2[0]), sam_overrides=micro_sam2[1], device="cpu")
-    anchor = EvidenceAnchor(4, (VoxelBox.from_voxels(70, 41, 88, 60),))
-    local = Pipeline(config).propagate(volume, anchor).mask  # before the constraints: the reference runs in-process
+    volume, kidney = _kidney_crop(sample_volume, sample_labels)
+    query = "segment the left kidney"
+    answer = answer_for_mask(volume, kidney, num_views=4, image_size=112, think="left kidney")
+    model = build_answering_tiny_qwen(tmp_path / "qwen", volume=volume, query=query, answer_text=answer, num_views=4, image_size=112)
+    config = PipelineConfig(model=str(model), propagator="medsam2", sam_checkpoint=str(micro_sam2[0]), sam_overrides=micro_sam2[1],
+                            device="cpu", num_views=4, image_size=112)
+    expected = ViewGeometry.for_volume(volume, 112).anchor_from_answer(parse_answer(answer), volume.num_slices)
+    local = Pipeline(config).propagate(volume, expected).mask  # the reference, in this process before the constraints
 
     for module, name, replacement in windows_constraints.constraints():
         if replacement is None:
@@ -184,15 +199,16 @@ def test_a_whole_propagate_runs_where_pipes_cannot_be_polled(monkeypatch, tmp_pa
 
     client = WorkerClient(str(_launcher(tmp_path, WINDOWS)), log_dir=str(tmp_path / "logs"))
     try:
-        request = p.Propagate(volume.fingerprint, Evidence.coerce(anchor).to_dict(), "left kidney", p.config_to_dict(config))
-        reply = client.call(volume, request, timeout=600)
+        reply = client.call(volume, p.Segment(volume.fingerprint, query, p.config_to_dict(config)), timeout=600)
         assert "Windows pipe constraints imposed" in Path(client.log_path).read_text()
         assert client.worker_pid != client.pid and _parent(client.worker_pid) == client.pid  # served by the launcher's child
         result = p.segmentation_result(reply, volume)
-        assert result.mask.any()
+        assert result.anchor.slice_index == expected.slice_index and len(result.anchor.boxes) == len(expected.boxes)
+        assert all(np.allclose(a.as_list(), b.as_list(), atol=1e-5) for a, b in zip(result.anchor.boxes, expected.boxes))
+        assert result.mask.any() and (result.mask & kidney).any()
         np.testing.assert_array_equal(result.mask, local)
         stats = client.call(None, p.Stats(), timeout=60).stats  # the warm worker answers again and holds the volume
-        assert volume.fingerprint in stats["volumes"] and stats["propagations"] == 1 and client.starts == 1
+        assert volume.fingerprint in stats["volumes"] and stats["grounder_runs"] == 1 and client.starts == 1
     finally:
         client.close()
 
