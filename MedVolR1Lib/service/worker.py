@@ -1,24 +1,16 @@
 """`python -m MedVolR1Lib.service.worker`: the model worker process the Slicer module starts and keeps warm.
 
-Reads request frames on stdin, writes progress and reply frames on stdout, one request at a time, until
-stdin closes.  The real stdout is kept for frames only; anything a library prints goes to stderr.
-Heavy imports (torch, transformers) happen on the first model request, after the request is read, so
-the client never blocks writing to a worker that is still starting.
+Connects back to its client over loopback (loopback.py), reads request frames and writes progress and
+reply frames there, one request at a time, until the client closes the connection; it also exits then in
+the middle of any work.  stdout and stderr go to the worker's log file.  Heavy imports (torch, transformers)
+happen on the first model request, after the connection is made, so the client sees a start failure at once.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from typing import BinaryIO
-
-
-def _frame_output() -> BinaryIO:
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # C-level and Python prints land in stderr, never inside a frame
-    sys.stdout = sys.stderr
-    return out
+from typing import BinaryIO, Callable
 
 
 def _write(out: BinaryIO, data: bytes) -> None:
@@ -29,7 +21,7 @@ def _write(out: BinaryIO, data: bytes) -> None:
 
 
 class _ThrottledProgress:
-    """Progress frames at most every `interval` seconds (plus the last one), so a chatty model does not flood the pipe."""
+    """Progress frames at most every `interval` seconds (plus the last one), so a chatty model does not flood the connection."""
 
     def __init__(self, out: BinaryIO, interval: float = 0.05) -> None:
         self._out, self._interval, self._last = out, interval, 0.0
@@ -43,7 +35,8 @@ class _ThrottledProgress:
             _write(self._out, to_frame(Progress(float(fraction), str(message))))
 
 
-def serve_pipes(inp: int, out: BinaryIO) -> int:
+def serve(read: Callable[[int], bytes], out: BinaryIO) -> int:
+    """Answer requests until `read` returns b"" (the client closed the connection)."""
     from .engine import Engine
     from .framing import FrameReader, ProtocolError
     from .protocol import REQUESTS, error_reply, from_frame, to_frame
@@ -52,7 +45,7 @@ def serve_pipes(inp: int, out: BinaryIO) -> int:
     reader = FrameReader()
     progress = _ThrottledProgress(out)
     while True:
-        data = os.read(inp, 1 << 20)
+        data = read(1 << 20)
         if not data:
             return 0
         try:
@@ -70,8 +63,14 @@ def serve_pipes(inp: int, out: BinaryIO) -> int:
 
 
 def main() -> int:
-    out = _frame_output()
-    return serve_pipes(sys.stdin.fileno(), out)
+    from .loopback import connect_back, exit_when_closed
+
+    connection = connect_back()
+    exit_when_closed(connection)
+    try:
+        return serve(connection.recv, connection.makefile("wb", buffering=0))
+    except ConnectionError:  # the client went away mid-answer (Cancel, Slicer closed): nothing left to do
+        return 0
 
 
 if __name__ == "__main__":
