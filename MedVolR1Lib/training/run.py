@@ -1,6 +1,6 @@
 """SFT and GRPO runs over VRS records: what Training/sft.py and Training/grpo.py call.
 
-Guard rails (DESIGN.md section 8): on CPU trl needs use_cpu=True and bf16=False; SFT never truncates
+Guard rails (each a failure seen with trl 1.16 / transformers 5): on CPU trl needs use_cpu=True and bf16=False; SFT never truncates
 (max_length=None: a cut would remove image tokens or the answer); GRPO's per-device batch counts
 completions and must be divisible by num_generations; extra dataset columns (reward_target) reach
 the reward functions as keyword lists.
