@@ -268,19 +268,25 @@ class ConsistencyScorer(CoherenceScorer):
             volume, gt = self._volume(target)
             anchor = _anchor(k, boxes, target)
             jobs.append((n, volume, gt, anchor, window(k, volume.num_slices, int(self.window or 0))))
-        for n, volume, gt, anchor, (z0, z1) in jobs:
-            if anchor is None:
-                pred = np.zeros_like(gt[z0 : z1 + 1])
-            else:
-                if self._prepared != volume.fingerprint:
-                    self.propagator.prepare(volume)
-                    self._prepared = volume.fingerprint
-                    self.prepare_calls += 1
-                pred = np.asarray(self.propagator.propagate_many([anchor], merge=True, slice_ranges=[(z0, z1)])[0])
+        for n, _, gt, anchor, (z0, z1) in jobs:
+            if anchor is None:  # nothing to propagate: an empty prediction
+                scores[n] = window_dice(np.zeros_like(gt[z0 : z1 + 1]), gt[z0 : z1 + 1])
+        jobs = [j for j in jobs if j[3] is not None]
+        while jobs:  # one propagate_many per volume: a lockstep backend tracks a group's answers together
+            fingerprint = jobs[0][1].fingerprint
+            batch = [j for j in jobs if j[1].fingerprint == fingerprint]
+            jobs = [j for j in jobs if j[1].fingerprint != fingerprint]
+            volume = batch[0][1]
+            if self._prepared != fingerprint:
+                self.propagator.prepare(volume)
+                self._prepared = fingerprint
+                self.prepare_calls += 1
+            preds = self.propagator.propagate_many([j[3] for j in batch], merge=True, slice_ranges=[j[4] for j in batch])
+            for (n, _, gt, _, (z0, z1)), pred in zip(batch, preds):
+                pred = np.asarray(pred)
                 if pred.shape != volume.shape:
                     raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
-                pred = pred[z0 : z1 + 1] != 0
-            scores[n] = window_dice(pred, gt[z0 : z1 + 1])
+                scores[n] = window_dice(pred[z0 : z1 + 1] != 0, gt[z0 : z1 + 1])
         return scores
 
 
@@ -337,7 +343,9 @@ def compute_release_rewards(
     w = {"format": weights.format, "time": weights.slice, "space": weights.grounding, "consistency": weights.coherence}
     if consistency is not None:
         out["consistency"] = consistency.score_texts(texts, resolved)
-    out["total"] = [float(min(1.0, max(0.0, sum(w[c] * out[c][n] for c in COMPONENTS if c in out)))) for n in range(len(texts))]
+    out["total"] = [
+        float(min(1.0, max(0.0, sum(w[c] * out[c][n] for c in COMPONENTS if c in out)))) for n in range(len(texts))
+    ]
     return out
 
 
@@ -375,7 +383,9 @@ def make_release_reward_functions(
     if variant == "ctorg" and propagator is not None and resolve is not None:
         scorer = ConsistencyScorer(propagator, resolve, window=window)
 
-        def release_consistency_reward(prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any) -> list[float]:
+        def release_consistency_reward(
+            prompts: Any = None, completions: Sequence[Any] = (), reward_target: Sequence[Any] = (), **kwargs: Any
+        ) -> list[float]:
             _check_lengths(completions, reward_target)
             return scorer.score_texts([completion_text(c) for c in completions], _targets(reward_target))
 

@@ -122,6 +122,21 @@ def test_space_edge_cases(boxes, expected):
     assert _release(_text(3, boxes))["space"] == pytest.approx(expected)
 
 
+def test_space_needs_no_answered_slice():
+    assert _release(_text(None, [[100, 100, 300, 300]]))["space"] == 1.0  # the release scores boxes alone
+
+
+def test_release_mode_needs_the_release_answer_schema():
+    from MedVolR1Lib.anchor import AnswerFormat
+    from MedVolR1Lib.training.config import RewardArguments
+    from MedVolR1Lib.training.run import check_reward_format
+
+    check_reward_format(RewardArguments(reward_mode="release"), AnswerFormat("paper", "norm1000"))
+    check_reward_format(RewardArguments(), AnswerFormat())
+    with pytest.raises(ValueError, match="answer_schema: paper"):
+        check_reward_format(RewardArguments(reward_mode="release"), AnswerFormat())
+
+
 def test_space_is_zero_without_gt_boxes_on_the_key_slice_and_refuses_a_target_without_one():
     assert _release(_text(8, [[100, 100, 300, 300]]), _target(key_slice=8))["space"] == 0.0
     with pytest.raises(DataError, match="key slice"):
@@ -201,7 +216,9 @@ def test_consistency_is_dice_within_five_slices(padded_case):
     scorer = rr.ConsistencyScorer(BoxExtrusion(), resolve)
     # pixels 50..70 -> voxel columns 39.5..60.5 -> 39..60 (22 columns) x rows 50..60 (11) on slices 7..17 (11)
     pred, gt, inter = 22 * 11 * 11, 21 * 11 * 4, 11 * 4 * (49 - 39 + 1)
-    assert scorer.score_texts([_text(12, [[500, 500, 700, 600]])], [target]) == [pytest.approx(2 * inter / (pred + gt))]
+    group = [_text(12, [[500, 500, 700, 600]])] * 3
+    assert scorer.score_texts(group, [target] * 3) == [pytest.approx(2 * inter / (pred + gt))] * 3
+    assert scorer.prepare_calls == 1  # a group's answers on one volume share one prepare
 
 
 def test_an_empty_prediction_against_an_empty_gt_window_scores_one(padded_case):

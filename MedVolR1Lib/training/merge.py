@@ -16,7 +16,9 @@ from ..errors import CheckpointError
 from .checkpoints import read_manifest, write_manifest
 
 
-def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None, dtype: str = "auto") -> Path:
+def merge_adapter(
+    adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None, dtype: str = "auto"
+) -> Path:
     """Write base + adapter, merged, to `out_dir` (atomically: a sibling temp folder renamed into place).
 
     `base_model` defaults to the base the adapter's manifest names."""
