@@ -312,10 +312,10 @@ def _targets(reward_target: Sequence[Any]) -> list[RewardTarget]:
     return [cache.get(t) for t in reward_target]
 
 
-def _time(text: str, target: RewardTarget, variant: str) -> float:
+def _time(text: str, target: RewardTarget, variant: str, radius: int = RELEASE_WINDOW) -> float:
     if variant == "ctorg" and not answered_boxes(text, target.image_size, _coordinates(target)):
         return 0.0
-    return time_score(answered_slice(text), target.slice_areas)
+    return time_score(answered_slice(text), target.slice_areas, radius)
 
 
 def _space(text: str, target: RewardTarget) -> float:
@@ -329,15 +329,17 @@ def compute_release_rewards(
     consistency: Optional[ConsistencyScorer] = None,
     *,
     variant: str = "ctorg",
+    window: int = RELEASE_WINDOW,
 ) -> dict[str, list[float]]:
-    """Every term per completion and the weighted "total" (clamped to 0-1 as the release does)."""
+    """Every term per completion and the weighted "total" (clamped to 0-1 as the release does); `window` is the
+    time term's +-radius (the consistency scorer has its own)."""
     _check_variant(variant)
     _check_lengths(completions, targets)
     resolved = _targets(targets)
     texts = [completion_text(c) for c in completions]
     out = {
         "format": [format_score(t) for t in texts],
-        "time": [_time(t, r, variant) for t, r in zip(texts, resolved)],
+        "time": [_time(t, r, variant, window) for t, r in zip(texts, resolved)],
         "space": [_space(t, r) for t, r in zip(texts, resolved)],
     }
     w = {"format": weights.format, "time": weights.slice, "space": weights.grounding, "consistency": weights.coherence}
@@ -372,11 +374,12 @@ def make_release_reward_functions(
     window: int = RELEASE_WINDOW,
 ) -> tuple[list[Callable[..., list[float]]], list[float]]:
     """trl reward functions and weights in the release's definitions; consistency needs the CT-ORG variant,
-    a propagator and a resolver (the KiTS23 variant has no consistency term)."""
+    a propagator and a resolver (the KiTS23 variant has no consistency term). `window` is the +-radius of both
+    the time and the consistency terms (5 in the release)."""
     _check_variant(variant)
     funcs = [
         _text_reward("release_format_reward", lambda text, _t: format_score(text)),
-        _text_reward("release_time_reward", lambda text, t: _time(text, t, variant)),
+        _text_reward("release_time_reward", lambda text, t: _time(text, t, variant, window)),
         _text_reward("release_space_reward", _space),
     ]
     values = [weights.format, weights.slice, weights.grounding]

@@ -80,6 +80,15 @@ def test_time_is_the_area_over_the_largest_area_within_five_slices(k, expected):
     assert _release(_text(k, [[100, 100, 300, 300]]))["time"] == pytest.approx(expected)
 
 
+def test_the_window_is_configurable():
+    text = _text(11, [[100, 100, 300, 300]])
+    out = rr.compute_release_rewards([text], [_target()], window=1)  # window 10..12: 30 / 40, as with 5
+    assert out["time"] == [pytest.approx(30 / 40)]
+    assert rr.compute_release_rewards([_text(4, [[1, 1, 9, 9]])], [_target()], window=0)["time"] == [1.0]  # 60 / 60
+    funcs, _ = make_reward_functions(RewardWeights(), mode="release", variant="kits23", window=0)
+    assert funcs[1](completions=[_text(4, [])], reward_target=[_target().to_json()]) == [1.0]
+
+
 def test_ctorg_time_needs_boxes_and_kits23_time_does_not():
     text = _text(12, [])
     assert _release(text, variant="ctorg")["time"] == 0.0
