@@ -181,7 +181,7 @@ def _end_face_body_fraction(array: np.ndarray) -> list[float]:
 
 
 def segvol_normalise(array: np.ndarray) -> np.ndarray:
-    """M3D-Seg's intensities from HU (SegVol's data_process/train_data_process.py, as DESIGN.md section 5 reads it).
+    """M3D-Seg's intensities from HU (SegVol's data_process/train_data_process.py, which M3D-Seg used).
 
     Foreground = voxels above the volume's mean; clip to its 0.05 / 99.95 percentiles; z-score with its
     mean and std.  Used to measure what M3D-Seg's normalisation costs the propagators (docs/m3d_windows.md).

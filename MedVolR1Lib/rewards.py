@@ -37,6 +37,7 @@ class RewardTarget:
     `oracle` (optional) is Q(z), the propagator's 3D Dice when started from the GT box on slice z,
     precomputed on some slices.  `answer_format` (AnswerFormat.spec) is the schema and box coordinates
     the policy answers in; completions are parsed strictly in it (never the lenient inference mode).
+    `key_slice` is the GT key slice (the release's space reward always scores against its boxes).
     """
 
     case_id: str
@@ -50,6 +51,7 @@ class RewardTarget:
     target: str = ""
     oracle: Optional[dict[int, float]] = None
     answer_format: str = "medvolr1:pixels"
+    key_slice: Optional[int] = None
 
     def __post_init__(self) -> None:
         AnswerFormat.from_spec(self.answer_format)  # refuse an unknown schema or convention early
@@ -59,6 +61,8 @@ class RewardTarget:
         self.slice_areas = [float(a) for a in self.slice_areas]
         if self.oracle is not None:
             self.oracle = {int(k): float(v) for k, v in self.oracle.items()}
+        if self.key_slice is not None:
+            self.key_slice = int(self.key_slice)
 
     @property
     def num_slices(self) -> int:
@@ -439,6 +443,9 @@ def make_coherence_reward(propagator: Propagator, resolve: Resolver, *, window: 
     return coherence_reward
 
 
+REWARD_MODES = ("ours", "release")
+
+
 def make_reward_functions(
     weights: RewardWeights = RewardWeights(),
     *,
@@ -446,9 +453,22 @@ def make_reward_functions(
     resolve: Optional[Resolver] = None,
     window: Optional[int] = 8,
     slice_source: str = "auto",
+    mode: str = "ours",
+    variant: str = "ctorg",
 ) -> tuple[list[Callable[..., list[float]]], list[float]]:
     """The reward functions and matching weights for GRPOConfig(reward_weights=...); coherence needs both
-    a propagator and a resolver."""
+    a propagator and a resolver.
+
+    `mode` "release" gives the MedVol-R1 release's definitions (`release_rewards`; `variant` "ctorg" or
+    "kits23", the latter without a consistency term); `slice_source` is then unused."""
+    if mode not in REWARD_MODES:
+        raise ValueError(f"reward_mode must be one of {REWARD_MODES}, got {mode!r}")
+    if mode == "release":
+        from .release_rewards import RELEASE_WINDOW, make_release_reward_functions
+
+        return make_release_reward_functions(
+            weights, variant=variant, propagator=propagator, resolve=resolve, window=RELEASE_WINDOW if window is None else window
+        )
     funcs = [make_format_reward(), make_slice_reward(slice_source), make_grounding_reward()]
     values = [weights.format, weights.slice, weights.grounding]
     if propagator is not None and resolve is not None:

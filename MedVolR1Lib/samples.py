@@ -66,6 +66,7 @@ class VRSSample:
             max_boxes=max_boxes,
             target=self.target,
             oracle=dict(oracle) if oracle is not None else None,
+            key_slice=self.key_slice,
         )
 
     def to_dict(self) -> dict:

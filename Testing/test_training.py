@@ -341,3 +341,79 @@ def test_coherence_reward_shares_one_prepared_propagator_across_a_group(tmp_path
     scores = funcs[-1](prompts=[None] * 4, completions=completions, reward_target=[target] * 4)
     assert scores[0] == scores[1] > 0.5 and scores[2] == scores[3] == 0.0
     assert funcs[-1].scorer.prepare_calls == 1
+
+
+def test_merge_adapter_writes_base_plus_adapter_and_refuses_to_overwrite(tmp_path, tiny_qwen_dir, tiny_lora_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from MedVolR1Lib.errors import CheckpointError
+    from MedVolR1Lib.training.checkpoints import read_manifest
+
+    out = tmp_path / "merged"
+    merge = _script("merge_adapter").main
+    assert merge(["--adapter", str(tiny_lora_dir), "--out_dir", str(out), "--base_model", str(tiny_qwen_dir), "--dtype", "float32"]) == str(out)
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_qwen_dir, dtype=torch.float32)
+    plain = base(input_ids=ids).logits
+    wrapped = PeftModel.from_pretrained(base, str(tiny_lora_dir))
+    with torch.no_grad():
+        expected, got = wrapped(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(got, plain, atol=1e-4)
+    assert read_manifest(out)["stage"] == "merged" and read_manifest(out)["merged_adapter"] == str(tiny_lora_dir)
+    with pytest.raises(CheckpointError, match="exists"):
+        merge(["--adapter", str(tiny_lora_dir), "--out_dir", str(out), "--base_model", str(tiny_qwen_dir)])
+    with pytest.raises(CheckpointError, match="adapter_config.json"):
+        merge(["--adapter", str(tmp_path), "--out_dir", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
+
+
+def _recipe_grpo(name: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "Training" / "configs" / f"{name}-release.yaml").read_text())["grpo"]
+
+
+@pytest.mark.parametrize("recipe", ["ctorg", "kits23"])
+def test_smoke_chain_runs_with_each_release_recipe(recipe, chain_qwen3, tmp_path):
+    """The recipe's path on the tiny Qwen3-VL: SFT adapter -> merged model -> one GRPO step with the recipe's reward
+    mode, variant and weights (a new LoRA with the vision tower for CT-ORG, every weight for KiTS23) -> evaluation.
+    CT-ORG's consistency term runs through LiteMedSAM here (real weights; MedSAM2 weights are not offline)."""
+    from MedVolR1Lib.training.checkpoints import read_manifest
+
+    grpo_cfg = _recipe_grpo(recipe)
+    merged = tmp_path / "sft-merged"
+    _script("merge_adapter").main(["--adapter", str(chain_qwen3["sft"]), "--out_dir", str(merged)])
+    keys = ("reward_mode", "release_variant", "reward_format", "reward_slice", "reward_grounding", "reward_coherence")
+    flags = [part for key in keys for part in (f"--{key}", str(grpo_cfg[key]))]
+    if grpo_cfg["reward_coherence"]:
+        flags += ["--coherence_propagator", "litemedsam", "--coherence_window", "1"]
+    if grpo_cfg.get("use_lora", True):
+        flags += ["--use_lora", "true", "--lora_rank", "4", "--lora_alpha", "8", "--lora_target_regex", grpo_cfg["lora_target_regex"]]
+    else:
+        flags += ["--use_lora", "false", "--freeze_vision", str(grpo_cfg["freeze_vision"]).lower()]
+    out = tmp_path / "grpo"
+    _script("grpo").main([
+        "--config", str(SMOKE), "--data_dir", str(chain_qwen3["data"]), "--output_dir", str(out), "--adapter_path", "",
+        "--model_name_or_path", str(merged), "--answer_schema", "paper", "--max_steps", "1", "--save_steps", "1", *flags,
+    ])
+    manifest = read_manifest(out)
+    expected = ["release_format_reward", "release_time_reward", "release_space_reward"]
+    if grpo_cfg["reward_coherence"]:
+        expected.append("release_consistency_reward")
+    assert manifest["reward_functions"] == expected and manifest["base_model"] == str(merged)
+    weights = [grpo_cfg[k] for k in keys[2:]][: len(expected)]
+    assert manifest["reward_weights"] == pytest.approx(weights)
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert all(any(f"rewards/{name}/mean" in entry for entry in state["log_history"]) for name in expected)
+    if grpo_cfg.get("use_lora", True):
+        adapter = json.loads((out / "adapter_config.json").read_text())
+        assert adapter["r"] == 4 and "visual" in str(adapter["target_modules"])
+    else:
+        assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    result = _script("evaluate").main([
+        "--config", str(SMOKE), "--eval_data_dir", str(chain_qwen3["data"]), "--report_dir", str(tmp_path / "eval"),
+        "--checkpoints", f"grpo={out}", "--max_records", "1", "--blank_control", "false",
+    ])
+    assert (tmp_path / "eval" / "results.csv").exists() and result

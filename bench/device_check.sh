@@ -16,15 +16,23 @@
 # /tmp/site, .device_carry/pure and the repo root on PYTHONPATH (MedVolR1Lib runs from the working tree).
 # NOTE: the CPU tests here use transformers 5.24; the GPU image has 5.17 (its versions are printed first).
 #
-# What it does: prints nvidia-smi and the versions, then runs gpu_bench_medsam2.py, gpu_bench_qwen.py and
-# gpu_bench_grpo.py for Qwen2.5-VL-3B, then gpu_bench_qwen.py and gpu_bench_grpo.py with --family qwen3-vl
-# (the MedVol-R1 release's recipe: Qwen3-VL-4B-sized, 64 views of 256 px + 256 new tokens; one GRPO step
-# with G = 4, LoRA r128 and MedSAM2-size coherence; peak memory), one after the other, each under `timeout`
-# (100 + 110 + 150 + 100 + 130 s: at most 9.8 min), keeps going after a failure, and ends with one summary
-# line per bench (ok / failed rc=N / timed out). With less device time, run the Qwen3-VL pair alone first:
-#        run(command="BENCHES='qwen3 grpo_qwen3' bash bench/device_check.sh", carry=[".device_carry"], timeout_s=300)
-# Files under $OUT (default ./device_out): device_check.log (everything), medsam2.json, qwen.json, grpo.json,
-# qwen3.json, grpo_qwen3.json, summary.txt (7 files; the tool returns at most 8).
+# What it does (default BENCHES="grpo_release eval_sharded", at most 330 + 240 s = 9.5 min): prints nvidia-smi and
+# the versions, then
+#   grpo_release  gpu_bench_grpo.py --family qwen3-vl --recipe Training/configs/ctorg-release.yaml: 3 GRPO steps of a
+#                 Qwen3-VL-4B-sized random-weight policy (LoRA r128 with the vision tower, G = 4, beta 0.01), 64 views
+#                 of 256 px of the sample CT, the release's CT-ORG reward (reward_mode release: format / time / space /
+#                 consistency at 0.25 each) with the consistency term through MedSAM2 (real-size random SAM2.1-tiny at
+#                 512 px) in bf16, +-5 slices; 256 new tokens (the recipe allows 2048: tokens/s gives that step's time);
+#   eval_sharded  the test records of the sample CT (64 views of 256 px) evaluated in 2 shards, one process each on
+#                 the same GPU (Training/evaluate.py --shard i/2, then --merge), at most 2 records, tiny Qwen3-VL policy
+#                 and the random real-size MedSAM2 over the whole volume: the sharding and merge path on a GPU;
+# each under `timeout`, going on after a failure, and ends with one summary line per bench (ok / failed rc=N /
+# timed out) plus the grpo SUMMARY line (generated tokens/s, step time, peak memory). The older benches stay
+# available by name: BENCHES='medsam2 qwen grpo qwen3 grpo_qwen3'.
+# TINY=1: the same benches on CPU with the tiny fixtures (micro SAM2 / LiteMedSAM); DRY_RUN=1: print the commands
+# and check that the scripts take their flags, run nothing (both used by Testing/test_device_check.py).
+# Files under $OUT (default ./device_out): device_check.log, grpo_release.json, eval_sharded/ (the merged report),
+# summary.txt.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,7 +42,10 @@ LOG="$OUT/device_check.log"
 : > "$LOG"
 PY=${PYTHON:-python3}
 CARRY=${CARRY_DIR:-$ROOT/.device_carry}
-BENCHES=${BENCHES:-"medsam2 qwen grpo qwen3 grpo_qwen3"}
+BENCHES=${BENCHES:-"grpo_release eval_sharded"}
+TINY=${TINY:-0}
+DRY_RUN=${DRY_RUN:-0}
+WORK=${WORK:-/tmp/medvolr1_device_check}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -82,6 +93,10 @@ run_bench() {  # name, timeout seconds, command...
   local name=$1 limit=$2
   shift 2
   say "== $name: timeout ${limit}s: $*"
+  if [ "$DRY_RUN" = 1 ]; then
+    RESULT[$name]="dry run"
+    return
+  fi
   local start=$SECONDS
   timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -97,15 +112,64 @@ run_bench() {  # name, timeout seconds, command...
   fi
 }
 
+TINY_ARGS=()
+if [ "$TINY" = 1 ]; then
+  TINY_ARGS=(--tiny --steps 1 --coherence-repeats 0 --max-completion-length 8)
+fi
+
+eval_sharded() {  # prepare 64 views of the sample CT, evaluate 2 shards side by side, merge them
+  local work=$WORK/eval_sharded views=64 size=256 device=cuda propagator=(--propagator medsam2)
+  rm -rf "$work" && mkdir -p "$work"
+  if [ "$TINY" = 1 ]; then
+    views=4 size=128 device=cpu propagator=(--propagator litemedsam --eval_window 1)
+  else
+    local ckpt=$work/random_sam2.1_hiera_t512.pt
+    "$PY" -c "import sys; from MedVolR1Lib.fixtures.micro_sam2 import save_random_sam2_checkpoint as s; s(sys.argv[1], [], seed=0)" "$ckpt" || return 1
+    propagator+=(--sam_checkpoint "$ckpt" --eval_window -1)
+  fi
+  local smoke=Training/configs/cpu-smoke.yaml start=$SECONDS
+  "$PY" Training/prepare_data.py --config $smoke --out_dir "$work/data" --num_views $views --image_size $size || return 1
+  echo "prepare: $((SECONDS - start)) s"
+  local pids=() i
+  for i in 0 1; do
+    "$PY" Training/evaluate.py --config $smoke --eval_data_dir "$work/data" --report_dir "$work/eval" \
+      --checkpoints grpo=tiny-qwen3 --tiny_model_dir "$work/tiny" --device $device "${propagator[@]}" \
+      --max_records 2 --blank_control false --max_new_tokens 64 --shard $i/2 > "$work/shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  start=$SECONDS
+  local rc=0
+  for i in 0 1; do wait "${pids[$i]}" || rc=1; tail -n 5 "$work/shard$i.log"; done
+  echo "2 shards side by side: $((SECONDS - start)) s"
+  [ $rc -eq 0 ] || return 1
+  "$PY" Training/evaluate.py --merge "$work/eval" || return 1
+  mkdir -p "$OUT/eval_sharded" && cp "$work"/eval/*.md "$work"/eval/*.csv "$OUT/eval_sharded/" 2>/dev/null
+  cat "$work"/eval/results.csv 2>/dev/null
+}
+
+export -f eval_sharded
+export PY WORK TINY OUT
+
+if [ "$DRY_RUN" = 1 ]; then  # the flags these benches pass must exist in the scripts they call
+  for pair in "bench/gpu_bench_grpo.py --recipe" "bench/gpu_bench_grpo.py --coherence-repeats" \
+              "Training/evaluate.py --shard" "Training/evaluate.py --merge"; do
+    set -- $pair
+    if "$PY" "$1" --help 2>/dev/null | grep -q -- "$2"; then say "flag ok: $1 $2"; else say "flag MISSING: $1 $2"; DRY_FAILED=1; fi
+  done
+fi
+
 for bench in $BENCHES; do
   case $bench in
+    grpo_release) run_bench grpo_release 330 "$PY" bench/gpu_bench_grpo.py --family qwen3-vl --recipe Training/configs/ctorg-release.yaml \
+                    --steps 3 --coherence-repeats 1 "${SAMPLE_ARGS[@]}" "${TINY_ARGS[@]}" --out "$WORK/grpo_release" --json "$OUT/grpo_release.json" ;;
+    eval_sharded) run_bench eval_sharded 240 bash -c eval_sharded ;;
     medsam2) run_bench medsam2 100 "$PY" bench/gpu_bench_medsam2.py --json "$OUT/medsam2.json" ;;
     qwen) run_bench qwen 110 "$PY" bench/gpu_bench_qwen.py --json "$OUT/qwen.json" ;;
     grpo) run_bench grpo 150 "$PY" bench/gpu_bench_grpo.py "${SAMPLE_ARGS[@]}" --out /tmp/gpu_bench_grpo --json "$OUT/grpo.json" ;;
     qwen3) run_bench qwen3 100 "$PY" bench/gpu_bench_qwen.py --family qwen3-vl --repeats 2 --json "$OUT/qwen3.json" ;;
     grpo_qwen3) run_bench grpo_qwen3 130 "$PY" bench/gpu_bench_grpo.py --family qwen3-vl --steps 2 "${SAMPLE_ARGS[@]}" \
                   --out /tmp/gpu_bench_grpo_qwen3 --json "$OUT/grpo_qwen3.json" ;;
-    *) RESULT[$bench]="unknown bench (choose medsam2 qwen grpo qwen3 grpo_qwen3)" ;;
+    *) RESULT[$bench]="unknown bench (choose grpo_release eval_sharded medsam2 qwen grpo qwen3 grpo_qwen3)" ;;
   esac
 done
 
@@ -115,7 +179,9 @@ failed=0
 for bench in $BENCHES; do
   line="$bench: ${RESULT[$bench]}"
   echo "$line" | tee -a "$LOG" >> "$OUT/summary.txt"
-  case ${RESULT[$bench]} in ok*) ;; *) failed=1 ;; esac
+  case ${RESULT[$bench]} in ok*|"dry run") ;; *) failed=1 ;; esac
 done
+grep -h "^SUMMARY" "$LOG" | tee -a "$OUT/summary.txt"
+[ "${DRY_FAILED:-0}" = 1 ] && failed=1
 cat "$OUT/summary.txt"
 exit $failed

@@ -1,8 +1,11 @@
 """GPU benchmark of one GRPO training step: Qwen2.5-VL-3B- or Qwen3-VL-4B-sized policy + MedSAM2 coherence reward (random weights).
 
---family qwen3-vl switches every default to the MedVol-R1 release's recipe: Qwen3-VL-4B, 64 views of 256 px,
-G = 4 rollouts, LoRA r128, beta 0.01, 256 new tokens, coherence over +-5 slices, answers in the paper's schema
-in 0-1000 (Training/configs/qwen3-vl-4b-paper.yaml). The defaults below are those of --family qwen2.5-vl.
+--family qwen3-vl switches every default to the MedVol-R1 release's CT-ORG recipe (--recipe, default
+Training/configs/ctorg-release.yaml, whose grpo section gives the learning rate, LoRA r128 with the vision tower,
+G = 4, beta 0.01, the loss and the rewards: reward_mode release, format / time / space / MedSAM2 consistency at
+0.25 each over +-5 slices): Qwen3-VL-4B, 64 views of 256 px, answers in the release's schema in 0-1000. The
+recipe allows 2048 new tokens; the bench defaults to 256 so a step fits the device budget, and prints the
+generation's tokens/s so a 2048-token step can be worked out. The defaults below are those of --family qwen2.5-vl.
 
 What it runs (defaults; every number is a flag):
   * policy: a Qwen2.5-VL-3B-sized model built from its released config with RANDOM weights (no download; the
@@ -56,13 +59,29 @@ def _recipes() -> dict:
     return {
         "qwen2.5-vl": dict(views=16, image_size=448, tiny_image_size=112, max_completion_length=128, window=8, lora_rank=64,
                            generations=8, beta=0.0, loss_type="dapo", learning_rate=1e-6, answer_format=AnswerFormat()),
-        # Training/configs/qwen3-vl-4b-paper.yaml
+        # the rest comes from the recipe's grpo section (--recipe, default Training/configs/ctorg-release.yaml)
         "qwen3-vl": dict(views=64, image_size=256, tiny_image_size=128, max_completion_length=256, window=5, lora_rank=128,
-                         generations=4, beta=0.01, loss_type="grpo", learning_rate=2e-6, answer_format=AnswerFormat("paper", "norm1000")),
+                         generations=4, beta=0.01, loss_type="grpo", learning_rate=1e-6, answer_format=AnswerFormat("paper", "norm1000"),
+                         recipe="Training/configs/ctorg-release.yaml"),
     }
 
 
 FAMILY_RECIPES = _recipes()
+RECIPE_KEYS = ("learning_rate", "lora_rank", "lora_alpha", "lora_target_regex", "num_generations", "beta", "loss_type",
+               "reward_mode", "release_variant", "reward_format", "reward_slice", "reward_grounding", "reward_coherence",
+               "coherence_window")
+
+
+def read_recipe(path: str) -> dict:
+    """The GRPO settings the bench takes from a training config's grpo section (missing keys: the bench's own)."""
+    import yaml
+
+    file = Path(path) if Path(path).is_absolute() else BENCH_DIR.parent / path
+    try:
+        grpo = (yaml.safe_load(file.read_text()) or {}).get("grpo") or {}
+    except OSError as exc:
+        raise SystemExit(f"gpu_bench_grpo: cannot read --recipe {file}: {exc}")
+    return {k: grpo[k] for k in RECIPE_KEYS if k in grpo}
 
 
 # --------------------------------------------------------------------------------------------- timing helpers
@@ -123,7 +142,8 @@ def resolve_sample_cache(sample_dir: str | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- the pieces
-def build_policy(tiny: bool, device, dtype, attn: str, lora_rank: int, family: str = "qwen2.5-vl"):
+def build_policy(tiny: bool, device, dtype, attn: str, lora_rank: int, family: str = "qwen2.5-vl", *,
+                 lora_alpha: int | None = None, lora_target_regex: str | None = None):
     """(model, processor): Qwen2.5-VL / Qwen3-VL from a config with random weights, then LoRA exactly as
     MedVolR1Lib.training.policy.load_policy attaches it (same PolicyArguments fields). Built in memory:
     saving and reloading 7 GB of random weights would only time the disk."""
@@ -134,7 +154,9 @@ def build_policy(tiny: bool, device, dtype, attn: str, lora_rank: int, family: s
 
     model, processor, _ = build_random_model(family, tiny, device, dtype, attn)
     model.config.use_cache = False  # as load_policy with gradient checkpointing; generation asks for the cache itself
-    policy = PolicyArguments(model_name_or_path="random", lora_rank=lora_rank, lora_alpha=2 * lora_rank)
+    policy = PolicyArguments(model_name_or_path="random", lora_rank=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank)
+    if lora_target_regex:
+        policy.lora_target_regex = lora_target_regex
     lora = LoraConfig(r=policy.lora_rank, lora_alpha=policy.lora_alpha, lora_dropout=policy.lora_dropout,
                       target_modules=policy.lora_target_regex, task_type="CAUSAL_LM")
     return get_peft_model(model, lora), processor
@@ -151,7 +173,8 @@ def build_sam_checkpoint(folder: Path, tiny: bool, sam_size: int) -> tuple[str, 
     return str(path), overrides
 
 
-def coherence_group_cost(data: Path, make_propagator, sync, window: int, group: int, repeats: int = 3) -> dict:
+def coherence_group_cost(data: Path, make_propagator, sync, window: int, group: int, repeats: int = 3, rewards=None,
+                         answer_format=None) -> dict:
     """Fresh propagator: one prepare + one propagation, vs the coherence reward of a group of `group`
     rollouts of the same case (one prepare shared, `group` propagations).  A throwaway run warms kernels first;
     each side is timed `repeats` times, every time with a fresh propagator (nothing cached), and the best time
@@ -159,8 +182,8 @@ def coherence_group_cost(data: Path, make_propagator, sync, window: int, group: 
     import numpy as np
 
     from MedVolR1Lib.anchor import format_answer
-    from MedVolR1Lib.rewards import make_coherence_reward
     from MedVolR1Lib.training.evaluate import oracle_guess
+    from MedVolR1Lib.training.run import reward_functions
     from MedVolR1Lib.training.records import read_records
     from MedVolR1Lib.training.store import VolumeStore
 
@@ -181,12 +204,13 @@ def coherence_group_cost(data: Path, make_propagator, sync, window: int, group: 
         return time.perf_counter() - start
 
     rng = np.random.default_rng(0)
-    completions = [format_answer(record.gt_slice, [[v + rng.uniform(-3, 3) for v in box] for box in record.gt_boxes], think="t")
+    completions = [format_answer(record.gt_slice, [[v + rng.uniform(-3, 3) for v in box] for box in record.gt_boxes], think="t",
+                                 answer_format=answer_format, image_size=record.image_size)
                    for _ in range(group)]
-    target = record.reward_target().to_json()
+    target = record.reward_target(answer_format=answer_format).to_json()
 
     def group_reward():
-        reward = make_coherence_reward(make_propagator(), store.resolve, window=window)
+        reward = reward_functions(rewards, store, make_propagator())[0][-1]  # coherence, or the release's consistency
         sync()
         start = time.perf_counter()
         scores = reward(prompts=[None] * group, completions=completions, reward_target=[target] * group)
@@ -270,6 +294,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny Qwen fixture, micro SAM2, small views")
     parser.add_argument("--family", default="qwen2.5-vl", choices=sorted(FAMILY_RECIPES),
                         help="qwen3-vl: the release's recipe (defaults in FAMILY_RECIPES)")
+    parser.add_argument("--recipe", default=None,
+                        help="training config whose grpo section sets lr, LoRA, G, beta, loss and rewards "
+                             "(default for qwen3-vl: Training/configs/ctorg-release.yaml; none for qwen2.5-vl)")
     parser.add_argument("--sample-dir", default=None, help="a copy of the sample cache (folder holding sample_ct/); default: the user cache")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps (default 3; 2 with --tiny); step 1 is the warm-up")
     parser.add_argument("--views", type=int, default=None, help="default 16 (4 with --tiny)")
@@ -280,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sam-size", type=int, default=None, help="SAM2 image size (512; micro 128 with --tiny)")
     parser.add_argument("--lora-rank", type=int, default=None, help="default 64 (the 3B config; 8 with --tiny)")
     parser.add_argument("--beta", type=float, default=None, help="KL weight (>0 adds the reference forward); default 0")
+    parser.add_argument("--coherence-repeats", type=int, default=3,
+                        help="timed repeats of the group-vs-one coherence comparison (0: skip it)")
     parser.add_argument("--real-completions", action="store_true",
                         help="score the policy's own completions (random weights: never parseable, so no propagation)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa | eager | flash_attention_2)")
@@ -287,7 +316,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
     tiny = args.tiny
-    recipe = FAMILY_RECIPES[args.family]
+    recipe = dict(FAMILY_RECIPES[args.family])
+    recipe_file = args.recipe or recipe.get("recipe")
+    from_recipe = read_recipe(recipe_file) if recipe_file else {}
+    for ours, theirs in (("learning_rate", "learning_rate"), ("lora_rank", "lora_rank"), ("generations", "num_generations"),
+                         ("beta", "beta"), ("loss_type", "loss_type"), ("window", "coherence_window")):
+        if theirs in from_recipe:
+            recipe[ours] = from_recipe[theirs]
     steps = args.steps or (2 if tiny else 3)
     views = args.views or (4 if tiny else recipe["views"])
     image_size = args.image_size or (recipe["tiny_image_size"] if tiny else recipe["image_size"])
@@ -295,6 +330,7 @@ def main(argv=None) -> int:
     window = args.window if args.window is not None else (2 if tiny else recipe["window"])
     sam_size = args.sam_size or (128 if tiny else 512)
     lora_rank = args.lora_rank or (8 if tiny else recipe["lora_rank"])
+    lora_alpha = None if args.lora_rank or tiny else from_recipe.get("lora_alpha")
     args.generations = args.generations or recipe["generations"]
     args.beta = recipe["beta"] if args.beta is None else args.beta
     answer_format = recipe["answer_format"]
@@ -346,7 +382,8 @@ def main(argv=None) -> int:
                      "max_completion_length": max_len, "coherence_window": window, "sam_image_size": sam_size,
                      "lora_rank": lora_rank, "beta": args.beta, "dtype": str(dtype).replace("torch.", ""), "attn": args.attn,
                      "family": args.family, "answer_format": answer_format.spec, "loss_type": recipe["loss_type"],
-                     "gradient_checkpointing": True},
+                     "learning_rate": recipe["learning_rate"], "gradient_checkpointing": True, "recipe": recipe_file,
+                     "lora_target_regex": from_recipe.get("lora_target_regex", "language model only (PolicyArguments default)")},
     }
 
     t0 = time.perf_counter()
@@ -363,27 +400,37 @@ def main(argv=None) -> int:
     def make_propagator():
         return build_propagator("medsam2", sam_checkpoint=ckpt, device=prop_device, sam_overrides=overrides)
 
+    reward_settings = {k: from_recipe[k] for k in ("reward_mode", "release_variant", "reward_format", "reward_slice",
+                                                   "reward_grounding", "reward_coherence") if k in from_recipe}
+    reward_settings.setdefault("reward_coherence", 1.0)
+    rewards = RewardArguments(**reward_settings, coherence_propagator="medsam2", sam_checkpoint=ckpt, coherence_window=window)
+    result["settings"]["rewards"] = {k: getattr(rewards, k) for k in ("reward_mode", "release_variant", "reward_format", "reward_slice",
+                                                                       "reward_grounding", "reward_coherence", "coherence_window")}
+
     # 1) the coherence reward's group cost, before the policy takes GPU memory
-    result["coherence"] = coherence_group_cost(data, make_propagator, sync, window, args.generations)
-    if cuda:
-        torch.cuda.empty_cache()
-        result["cuda_peak_gib_coherence_bench"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(f"coherence: one propagation {result['coherence']['one_propagation_s']:.3f} s, group of {args.generations} "
-          f"{result['coherence'][f'group_of_{args.generations}_s']:.3f} s -> {result['coherence']['group_over_one']:.2f}x "
-          f"({result['coherence']['prepare_calls']} prepare)", flush=True)
+    if args.coherence_repeats > 0:
+        result["coherence"] = coherence_group_cost(data, make_propagator, sync, window, args.generations, repeats=args.coherence_repeats,
+                                                   rewards=rewards, answer_format=answer_format)
+        if cuda:
+            torch.cuda.empty_cache()
+            result["cuda_peak_gib_coherence_bench"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"coherence: one propagation {result['coherence']['one_propagation_s']:.3f} s, group of {args.generations} "
+              f"{result['coherence'][f'group_of_{args.generations}_s']:.3f} s -> {result['coherence']['group_over_one']:.2f}x "
+              f"({result['coherence']['prepare_calls']} prepare)", flush=True)
 
     # 2) GRPO steps
-    rewards = RewardArguments(reward_coherence=1.0, coherence_propagator="medsam2", sam_checkpoint=ckpt, coherence_window=window)
     propagator = make_propagator()
     timer = PhaseTimer(cuda)
     timer.wrap(propagator, "propagate", "propagation")
     timer.wrap(propagator, "prepare", "propagation")
     store = VolumeStore.from_dir(data)
     funcs, weights = reward_functions(rewards, store, propagator)
+    result["reward_functions"] = dict(zip([f.__name__ for f in funcs], weights))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model, processor = build_policy(tiny, device, dtype, args.attn, lora_rank, args.family)
+    model, processor = build_policy(tiny, device, dtype, args.attn, lora_rank, args.family, lora_alpha=lora_alpha,
+                                    lora_target_regex=from_recipe.get("lora_target_regex"))
     sync()
     result["build_policy_s"] = round(time.perf_counter() - t0, 2)
     total = sum(p.numel() for p in model.parameters())
@@ -425,6 +472,11 @@ def main(argv=None) -> int:
             per_step = [tokens[0]] + [b - a for a, b in zip(tokens, tokens[1:])]
             result["grpo"]["prompt_tokens_per_rollout"] = round(per_step[-1] / args.generations - logs[-1]["completions/mean_length"], 1)
         result["grpo"]["reward_mean"] = [round(e.get("reward", float("nan")), 4) for e in logs]
+        generation = timer.calls.get("generation", [])
+        rates = [args.generations * e["completions/mean_length"] / t for e, t in zip(logs, generation) if t > 0]
+        if rates:  # completion tokens per second of the generation phase (later steps; step 1 if only one)
+            later_rates = rates[1:] or rates
+            result["grpo"]["generation_tokens_per_s"] = round(statistics.mean(later_rates), 1)
     result["grpo"]["propagator"] = propagator.describe() if hasattr(propagator, "describe") else {}
     if cuda:
         result["cuda_peak_gib_by_phase"] = {k: round(v, 2) for k, v in timer.peak_gib.items()}
@@ -440,8 +492,10 @@ def main(argv=None) -> int:
           f"+ other {later.get('other')}")
     if cuda:
         print(f"peak CUDA memory by phase (GiB): {result['cuda_peak_gib_by_phase']}")
-    c = result["coherence"]
-    print(f"coherence reward, group of {args.generations} / one propagation: {c['group_over_one']:.2f}x")
+    print(f"SUMMARY grpo: {result['grpo'].get('generation_tokens_per_s')} generated tokens/s, step {later.get('step_total')} s, "
+          f"peak {result.get('cuda_peak_gib_max_phase', 'n/a (CPU)')} GiB, rewards {result['reward_functions']}")
+    if "coherence" in result:
+        print(f"coherence reward, group of {args.generations} / one propagation: {result['coherence']['group_over_one']:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -3,7 +3,8 @@
 Why this shape:
 - MedSAM2's `sam2.1_hiera_t512.yaml` is the package's `configs/sam2.1/sam2.1_hiera_t.yaml` with `image_size: 512`
   and memory-attention `feat_sizes: [32, 32]`, so we build the package's model with those hydra overrides and load
-  `MedSAM2_latest.pt` strictly into it (DESIGN.md section 4).
+  `MedSAM2_latest.pt` strictly into it (the MedVol-R1 release uses `MedSAM2_2411.pt` with the same
+  `sam2.1_hiera_t512` config; loading that file has not been tried here, no weights are offline).
 - The stock `init_state` reads a JPEG folder and keeps backbone features of only the last visited frame; a CT is
   already in memory and a user edits boxes repeatedly, so `InMemorySAM2VideoPredictor` takes the slices as a
   tensor and keeps the backbone features of every slice: re-propagation never reruns the image encoder.

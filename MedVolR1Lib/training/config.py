@@ -69,8 +69,13 @@ class PolicyArguments:
 
 @dataclass
 class RewardArguments:
-    """Reward weights and the frozen propagator of the coherence reward."""
+    """Reward weights, their definitions (ours or the release's) and the frozen propagator of the coherence reward.
 
+    With reward_mode "release" the four weights apply to the release's format, time, space and consistency
+    terms (in that order) and coherence_window is its +-window (5 in the release)."""
+
+    reward_mode: str = field(default="ours", metadata={"help": "ours | release (the MedVol-R1 release's definitions)"})
+    release_variant: str = field(default="ctorg", metadata={"help": "reward_mode release: ctorg (with consistency) | kits23 (without)"})
     reward_format: float = 0.25
     reward_slice: float = 0.5
     reward_grounding: float = 1.0

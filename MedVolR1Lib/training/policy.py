@@ -21,13 +21,16 @@ def resolve_model_path(args: PolicyArguments) -> str:
 
 
 def policy_answer_format(args: PolicyArguments, model_path: str) -> tuple[ModelFamily, AnswerFormat]:
-    """(family, answer format) of this run; CheckpointError if the starting adapter was trained otherwise."""
+    """(family, answer format) of this run; CheckpointError if the starting adapter (or the merged model) was
+    trained otherwise."""
     from .checkpoints import read_manifest
 
     family = family_of_checkpoint(model_path)
     fmt = AnswerFormat(args.answer_schema, resolve_coordinates(family, args.coordinates))
     if args.adapter_path:
         check_adapter_convention(read_manifest(args.adapter_path), family, fmt.coordinates, f"adapter {args.adapter_path}", fmt.schema)
+    # a merged SFT model (Training/merge_adapter.py) carries its adapter's manifest: the same check applies
+    check_adapter_convention(read_manifest(model_path), family, fmt.coordinates, f"model {model_path}", fmt.schema)
     return family, fmt
 
 

@@ -69,6 +69,7 @@ class VRSRecord:
             target=self.target,
             oracle={int(k): float(v) for k, v in self.oracle.items()} or None,
             answer_format=(answer_format or AnswerFormat()).spec,
+            key_slice=self.gt_slice,
         )
 
     def answer_text(self, think: Optional[str] = None, answer_format=None) -> str:

@@ -1,9 +1,9 @@
 """SFT and GRPO runs over VRS records: what Training/sft.py and Training/grpo.py call.
 
-Guard rails (DESIGN.md section 8): on CPU trl needs use_cpu=True and bf16=False; SFT never truncates
-(max_length=None: a cut would remove image tokens or the answer); GRPO's per-device batch counts
-completions and must be divisible by num_generations; extra dataset columns (reward_target) reach
-the reward functions as keyword lists.
+Guard rails (each a failure seen with trl 1.16 / transformers 5): on CPU trl needs use_cpu=True and
+bf16=False; SFT never truncates (max_length=None: a cut would remove image tokens or the answer); GRPO's
+per-device batch counts completions and must be divisible by num_generations; extra dataset columns
+(reward_target) reach the reward functions as keyword lists.
 """
 
 from __future__ import annotations
@@ -101,7 +101,17 @@ def reward_functions(rewards: RewardArguments, store: VolumeStore, propagator=No
         resolve=store.resolve if use_coherence else None,
         window=window,
         slice_source=rewards.slice_source,
+        mode=rewards.reward_mode,
+        variant=rewards.release_variant,
     )
+
+
+def check_reward_format(rewards: RewardArguments, fmt) -> None:
+    """The release's rewards read its answer schema ([{"slice", "bbox_2d_list"}]) only."""
+    if rewards.reward_mode == "release" and fmt.schema != "paper":
+        raise ValueError(
+            f"reward_mode release reads the release's answer schema: set answer_schema: paper (got {fmt.schema!r})"
+        )
 
 
 def check_grpo_batch(config) -> None:
@@ -129,6 +139,7 @@ def run_grpo(data: VRSDataArguments, policy: PolicyArguments, rewards: RewardArg
     from .data import grpo_dataset
 
     family, fmt = answer_format_for(policy)
+    check_reward_format(rewards, fmt)
     dataset = grpo_dataset(records, store, max_boxes=data.max_boxes, blank=data.blank_images, answer_format=fmt)
     model, processor, model_path = load_policy_for(policy, config)
     trainer = GRPOTrainer(
