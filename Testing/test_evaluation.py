@@ -103,3 +103,103 @@ def test_report_has_table1_layout_with_dsc_iou_cells_and_nsd():
     assert lines[0] == "| method | AbdomenCT-1K (0003) | CT-ORG (0012) | all records |"
     assert lines[2] == "| sft | 80.00 (40.00) | 60.00 (30.00) | 70.00 (35.00) |"
     assert lines[3].startswith("| oracle | 100.00 (50.00) |")
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+def _m3d_cases(root, cases, shape=(32, 32, 12), seed=0):
+    """M3D-Seg layout (AbdomenCT-1K code 0003, built-in label table): a liver block and two kidney blocks per case."""
+    from scipy import sparse
+
+    rng = np.random.default_rng(seed)
+    meta = {"train": [], "test": []}
+    for n, (case, split) in enumerate(cases):
+        x, y, z = shape
+        image = rng.normal(-2.0, 0.1, size=shape).astype(np.float32)
+        image[1 : x - 1, 1 : y - 3] += 2.0
+        onehot = np.zeros((4, *shape), dtype=bool)
+        onehot[0, 4 + n : 14 + n, 4:14, 2:9] = True  # liver
+        onehot[1, 4:9, 18:24, 3 + n % 3 : 8 + n % 3] = True  # kidney, one side
+        onehot[1, 22:27, 18:24, 3:8] = True  # kidney, other side
+        image[onehot[0]] = 1.5
+        image[onehot[1]] = 2.5
+        folder = root / "0003" / case
+        folder.mkdir(parents=True)
+        np.save(folder / "image.npy", image[None])
+        grid = ", ".join(str(v) for v in shape)
+        sparse.save_npz(folder / f"mask_(4, {grid}).npz", sparse.csr_matrix(onehot.reshape(4, -1).astype(np.float64)))
+        meta[split].append({"image": f"0003/{case}/image.npy", "label": f"0003/{case}/mask_(4, {grid}).npz"})
+    (root / "0003" / "0003.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture(scope="module")
+def sharded_data(tmp_path_factory):
+    """Prepared test split of three M3D-Seg cases (NSD in voxels) plus the sample CT (NSD in mm)."""
+    from MedVolR1Lib.training.prepare import PrepareArguments, prepare_dataset
+
+    root = tmp_path_factory.mktemp("shard_m3d")
+    _m3d_cases(root, [("c1", "train"), ("c2", "test"), ("c3", "test"), ("c4", "test")])
+    out = tmp_path_factory.mktemp("shard_data")
+    prepare_dataset(PrepareArguments(out_dir=str(out), sample_ct=True, allow_seen_volumes=True, m3d_root=str(root), m3d_datasets="0003",
+                                     targets="liver,kidneys", num_views=4, image_size=56, max_queries_per_target=1))
+    return out
+
+
+def _eval_args(data, report, **kw):
+    from MedVolR1Lib.training.evaluate import EvalArguments
+
+    settings = {"propagator": "litemedsam", "eval_window": 1, "allow_seen_volumes": True, "eval_threads": 1, **kw}
+    return EvalArguments(eval_data_dir=str(data), report_dir=str(report), **settings)
+
+
+def test_two_torchrun_shards_merge_into_the_one_process_table(sharded_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from MedVolR1Lib.training.evaluate import evaluate
+
+    one = tmp_path / "one"
+    single = evaluate(_eval_args(sharded_data, one), runners=[])
+    assert {e["nsd_unit"] for e in single["table"] if e["dataset"] != "all"} == {"mm", "voxels"}
+    two = tmp_path / "two"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(repo / "Training" / "evaluate.py"),
+           "--eval_data_dir", str(sharded_data), "--report_dir", str(two), "--propagator", "litemedsam", "--eval_window", "1",
+           "--allow_seen_volumes", "true", "--eval_threads", "1", "--checkpoints", ""]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted((two / "shards").glob("shard-*.json"))
+    assert len(shards) == 2 and all(json.loads(p.read_text())["rows"] for p in shards)  # both ranks scored records
+    assert all(json.loads(p.read_text())["run_id"] for p in shards)
+    for name in ("results.csv", "per_record.csv"):
+        assert (two / name).read_text() == (one / name).read_text(), name
+    report = (two / "report.md").read_text()
+    assert "[voxels]" in report and "[mm]" in report and "CT-ORG" not in report
+
+
+def test_merge_by_hand_and_its_refusals(sharded_data, tmp_path):
+    from MedVolR1Lib.errors import DataError
+    from MedVolR1Lib.training.evaluate import evaluate, merge_shards, shard_of, shard_path, parse_shard
+
+    one = tmp_path / "one"
+    evaluate(_eval_args(sharded_data, one, propagator="none"), runners=[])
+    hand = tmp_path / "hand"
+    parts = [evaluate(_eval_args(sharded_data, hand, propagator="none", shard=f"{i}/3"), runners=[], environ={}) for i in range(3)]
+    assert all("merge" in p for p in parts)  # no launcher: every shard, rank 0 included, leaves the merge to the user
+    assert not (hand / "results.csv").exists()
+    merged = evaluate(_eval_args(sharded_data, tmp_path / "elsewhere", merge=str(hand)), runners=[])
+    assert merged["shards"] == 3
+    assert (hand / "results.csv").read_text() == (one / "results.csv").read_text()
+    shard_path(hand, 1, 3).unlink()
+    with pytest.raises(DataError, match=r"shards \[1\] of 3 are missing"):
+        merge_shards(hand)
+    evaluate(_eval_args(sharded_data, hand, propagator="none", shard="1/3", max_records=2), runners=[], environ={})
+    with pytest.raises(DataError, match="another run"):
+        merge_shards(hand)
+    with pytest.raises(ValueError, match="i/n"):
+        parse_shard("3/3")
+    assert shard_of(_eval_args(sharded_data, hand), {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
+    assert shard_of(_eval_args(sharded_data, hand), {"RANK": "0", "WORLD_SIZE": "1"}) is None

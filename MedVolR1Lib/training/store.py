@@ -54,6 +54,11 @@ class LoadedCase:
     label_map: np.ndarray
     label_names: dict[int, str]
     notes: dict = field(default_factory=dict)  # how the reader interpreted the files (M3D-Seg: axial axis and why)
+    spacing_known: bool = True  # False for M3D-Seg arrays (no voxel size stored): distances are then in voxels
+
+    @property
+    def distance_unit(self) -> str:
+        return "mm" if self.spacing_known else "voxels"
 
     def target_mask(self, labels: Sequence[int]) -> np.ndarray:
         """Union of label values (a target like 'kidneys' is kidney_right + kidney_left)."""
@@ -78,7 +83,8 @@ def load_case(source: CaseSource) -> LoadedCase:
         label_map = np.zeros(case.volume.shape, dtype=np.int32)
         for c in range(case.masks.shape[0]):
             label_map[case.masks[c]] = c + 1
-        return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)}, case.axes.as_dict())
+        return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)}, case.axes.as_dict(),
+                          spacing_known=False)
     if source.kind == "files":
         from ..readers import load_label_map, load_volume
 
