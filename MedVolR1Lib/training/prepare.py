@@ -42,6 +42,7 @@ class PrepareConfig:
     oracle_stride: int = 0  # >0: oracle curve Q(z) on every n-th shown slice showing the target (+ key slice)
     oracle_window: Optional[int] = None  # propagate +-W slices for Q(z) (None: whole volume)
     min_key_voxels: int = 10
+    lesion_instances: bool = False  # KiTS23 as the release poses it: one record per tumour / cyst (kits_lesions)
     seed: int = 0
 
 
@@ -66,9 +67,32 @@ def shown_slice_sets(volume, num_views: int, view_sets: int, seed: int) -> list[
     return sets
 
 
+# With `lesion_instances`, these class targets become one target per lesion (kits_lesions.INSTANCE_TARGETS).
+LESION_CLASS_TARGETS = {"kidney_tumor": "tumor", "kidney_cyst": "cyst", "kidney_tumor_instance": "tumor", "kidney_cyst_instance": "cyst"}
+
+
+def unused_channels(case: LoadedCase, targets: Sequence[str], lesion_kinds: Sequence[str]) -> list[dict]:
+    """Label channels with voxels that no requested target reads: reported, so nothing is left out silently."""
+    from ..queries import find_entry, normalise_name
+
+    by_name: dict[str, list[int]] = {}
+    for value, name in case.label_names.items():
+        by_name.setdefault(normalise_name(name), []).append(int(value))
+    used: set[int] = set()
+    for t in targets:
+        entry = find_entry(t)
+        parts = entry.resolve(by_name) if entry is not None else None
+        used |= {v for part in parts or [] for v in part}
+    lesion_names = {"tumor": "kidney_tumor", "cyst": "kidney_cyst"}
+    used |= {v for kind in lesion_kinds for v in by_name.get(lesion_names[kind], [])}
+    present = {int(v) for v in np.unique(case.label_map) if v != 0}
+    return [{"case": case.source.case_id, "target": case.label_names.get(v, str(v)),
+             "reason": "channel has voxels but no requested target reads it"} for v in sorted(present - used)]
+
+
 def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -> PrepareReport:
     """All records of one case; with a propagator and `oracle_stride > 0` the oracle curve Q(z) is filled."""
-    from ..samples import build_samples
+    from ..samples import SampleSet, build_lesion_samples, build_samples
 
     report = PrepareReport()
     case_id = case.source.case_id
@@ -76,6 +100,11 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
     for t in config.targets:
         if t not in targets:
             report.skipped.append({"case": case_id, "target": t, "reason": "laterality not allowed (orientation unverified)"})
+    lesion_kinds: list[str] = []
+    if config.lesion_instances:
+        lesion_kinds = sorted({LESION_CLASS_TARGETS[t] for t in targets if t in LESION_CLASS_TARGETS}, reverse=True)
+        targets = [t for t in targets if t not in LESION_CLASS_TARGETS]
+    report.skipped += unused_channels(case, targets, lesion_kinds)
     rng = random.Random(f"{config.seed}:{case_id}")
     for set_index, shown in enumerate(shown_slice_sets(case.volume, config.num_views, config.view_sets, config.seed)):
         result = build_samples(
@@ -87,7 +116,13 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
             shown_slices=shown,
             image_size=config.image_size,
             min_key_voxels=config.min_key_voxels,
-        )
+        ) if targets else SampleSet([], [])
+        if lesion_kinds:
+            lesions = build_lesion_samples(
+                case.volume, case.label_map, case.label_names, case_id=case_id, shown_slices=shown, image_size=config.image_size,
+                kinds=lesion_kinds, min_key_voxels=config.min_key_voxels, allow_laterality=config.laterality,
+            )
+            result = SampleSet(result.samples + lesions.samples, result.skipped + lesions.skipped)
         for s in result.skipped:
             report.skipped.append({"case": case_id, "target": s.target, "reason": f"{s.reason} (slice set {set_index})"})
         for sample in result.samples:
@@ -107,11 +142,11 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
             for n, query in enumerate(queries):
                 report.records.append(
                     VRSRecord(
-                        id=f"{case_id}/{sample.target}/v{set_index}/q{n}",
+                        id=f"{case_id}/{_instance_key(sample)}/v{set_index}/q{n}",
                         case_id=case_id,
                         dataset=case.source.dataset,
                         target=sample.target,
-                        parts=[[case.label_names.get(v, str(v)) for v in part] for part in sample.parts],
+                        parts=[[case.label_name(v) for v in part] for part in sample.parts],
                         labels=list(sample.label_values),
                         query=query.text,
                         query_kind=query.kind,
@@ -128,6 +163,14 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
                     )
                 )
     return report
+
+
+def _instance_key(sample) -> str:
+    """The record id's target part: the target, plus '#n' for one lesion instance."""
+    from ..kits_lesions import decode_instance
+
+    decoded = [decode_instance(v) for v in sample.label_values]
+    return sample.target if not any(decoded) else f"{sample.target}#" + "+".join(str(d[1]) for d in decoded if d)
 
 
 def _oracle(propagator, case: LoadedCase, sample, config: PrepareConfig) -> dict[str, float]:
@@ -167,6 +210,10 @@ class PrepareArguments:
     m3d_orientation: Optional[str] = field(default=None, metadata={"help": "override the assumed array orientation (e.g. RAS)"})
     m3d_laterality: bool = field(default=False, metadata={"help": "allow left/right queries on M3D-Seg (only after checking orientation)"})
     paraphrased_test_datasets: str = field(default="", metadata={"help": "dataset codes whose test queries are paraphrases only (Table 1: '0004', KiTS23 (paraphrased))"})
+    lesion_instance_datasets: str = field(
+        default="0004",
+        metadata={"help": "dataset codes whose kidney_tumor / kidney_cyst targets become one record per lesion (the release's KiTS23 task); '' keeps the union"},
+    )
     targets: str = field(default=",".join(DEFAULT_TARGETS), metadata={"help": "comma-separated target keys"})
     num_views: int = 16
     image_size: int = 448
@@ -214,6 +261,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
     plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
     paraphrased = {c.strip() for c in args.paraphrased_test_datasets.split(",") if c.strip()}
+    lesion_datasets = {c.strip() for c in args.lesion_instance_datasets.split(",") if c.strip()}
     records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
     notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
     sources = {}
@@ -223,6 +271,7 @@ def prepare_dataset(args: PrepareArguments) -> dict:
             query_split="train" if split == "train" else "held_out", max_queries_per_target=args.max_queries_per_target,
             view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
             query_kinds=("paraphrase",) if split == "test" and source.dataset in paraphrased else (),
+            lesion_instances=source.dataset in lesion_datasets,
             oracle_stride=args.oracle_stride, oracle_window=None if args.oracle_window < 0 else args.oracle_window,
             seed=args.prepare_seed,
         )

@@ -55,14 +55,33 @@ class LoadedCase:
     label_names: dict[int, str]
     notes: dict = field(default_factory=dict)  # how the reader interpreted the files (M3D-Seg: axial axis and why)
     spacing_known: bool = True  # False for M3D-Seg arrays (no voxel size stored): distances are then in voxels
+    _instances: dict = field(default_factory=dict, repr=False)  # instance value -> mask, computed once
 
     @property
     def distance_unit(self) -> str:
         return "mm" if self.spacing_known else "voxels"
 
     def target_mask(self, labels: Sequence[int]) -> np.ndarray:
-        """Union of label values (a target like 'kidneys' is kidney_right + kidney_left)."""
-        return np.isin(self.label_map, np.asarray([int(v) for v in labels], dtype=self.label_map.dtype))
+        """Union of label values (a target like 'kidneys' is kidney_right + kidney_left); an instance value
+        (`kits_lesions.instance_value`: one KiTS23 tumour or cyst) stands for that connected lesion alone."""
+        from ..kits_lesions import decode_instance, instance_mask
+
+        plain = [int(v) for v in labels if decode_instance(v) is None]
+        mask = np.isin(self.label_map, np.asarray(plain, dtype=self.label_map.dtype))
+        for value in (int(v) for v in labels if decode_instance(v) is not None):
+            if value not in self._instances:
+                self._instances[value] = instance_mask(self.label_map, value)
+            mask |= self._instances[value]
+        return mask
+
+    def label_name(self, value: int) -> str:
+        """'kidney_tumor' for a channel value, 'kidney_tumor#2' for instance 2 of it."""
+        from ..kits_lesions import decode_instance
+
+        decoded = decode_instance(value)
+        if decoded is None:
+            return self.label_names.get(int(value), str(value))
+        return f"{self.label_names.get(decoded[0], str(decoded[0]))}#{decoded[1]}"
 
 
 def load_case(source: CaseSource) -> LoadedCase:
