@@ -293,3 +293,24 @@ def test_lesion_ranks_are_strict_and_a_tie_is_reported_not_guessed():
     assert len(result.samples) == 2
     assert any("nothing tells it apart" in s.reason for s in result.skipped)
     assert any(s.target == "kidney_cyst_instance" and s.reason.startswith("absent") for s in result.skipped)
+
+
+def test_prepare_with_two_workers_writes_the_same_bytes_as_one(tmp_path):
+    from MedVolR1Lib.training.prepare import PrepareArguments, prepare_dataset
+
+    root = tmp_path / "M3D_Seg"
+    for n, split in enumerate(("train", "train", "test", "train")):
+        _kits_lesion_case(root, f"case_{n:05d}", split)
+    (root / "0004" / "case_00001" / "image.npy").write_bytes(b"not an array")  # an unreadable case, reported in order
+    outputs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        summary = prepare_dataset(PrepareArguments(out_dir=str(out), sample_ct=False, m3d_root=str(root), m3d_datasets="0004",
+                                                   targets="kidneys,kidney_tumor,kidney_cyst", num_views=6, image_size=56,
+                                                   train_view_sets=2, workers=workers))
+        assert summary["records"]["train"] > 0 and summary["records"]["test"] > 0
+        assert any("unreadable case" in s["reason"] for s in summary["skipped"])
+        report = json.loads((out / "report.json").read_text())
+        report["settings"].pop("workers"), report["settings"].pop("out_dir")
+        outputs[workers] = {name: (out / name).read_bytes() for name in ("cases.json", "train.jsonl", "test.jsonl")}, report
+    assert outputs[1] == outputs[2]

@@ -225,6 +225,7 @@ class PrepareArguments:
     oracle_window: int = field(default=-1, metadata={"help": "+-W slices for Q(z); -1: whole volume"})
     sam_checkpoint: Optional[str] = None
     prepare_seed: int = 0
+    workers: int = field(default=1, metadata={"help": "parallel processes, one case each (output identical to 1 worker)"})
 
 
 def prepare_dataset(args: PrepareArguments) -> dict:
@@ -235,16 +236,11 @@ def prepare_dataset(args: PrepareArguments) -> dict:
     check and smoke chain) does it also appear in test.jsonl, its rows then differing by phrasing only.
     """
     from .records import write_records
-    from .store import CaseSource, load_case, write_cases
+    from .store import CaseSource, write_cases
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    propagator = None
-    if args.oracle_stride > 0:
-        from ..propagation.factory import build_propagator
-
-        propagator = build_propagator(args.oracle_propagator, sam_checkpoint=args.sam_checkpoint)
     plans: list[tuple[CaseSource, str, bool]] = []  # (source, split, laterality)
     if args.sample_ct:
         plans += [(CaseSource("sample_ct", "sample_ct", dataset="sample"), split, True) for split in ("train", "test")]
@@ -259,12 +255,11 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                 for ref in refs:
                     source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
+    plans += release_plans(args)
     plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
     paraphrased = {c.strip() for c in args.paraphrased_test_datasets.split(",") if c.strip()}
     lesion_datasets = {c.strip() for c in args.lesion_instance_datasets.split(",") if c.strip()}
-    records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
-    notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
-    sources = {}
+    jobs = []
     for source, split, laterality in plans:
         config = PrepareConfig(
             targets=targets, num_views=args.num_views, image_size=args.image_size, window=args.view_window,
@@ -272,24 +267,24 @@ def prepare_dataset(args: PrepareArguments) -> dict:
             view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
             query_kinds=("paraphrase",) if split == "test" and source.dataset in paraphrased else (),
             lesion_instances=source.dataset in lesion_datasets,
-            oracle_stride=args.oracle_stride, oracle_window=None if args.oracle_window < 0 else args.oracle_window,
+            oracle_stride=args.oracle_stride if split == "train" else 0,
+            oracle_window=None if args.oracle_window < 0 else args.oracle_window,
             seed=args.prepare_seed,
         )
-        try:
-            case = load_case(source)
-        except Exception as exc:  # a corrupt case is reported, the rest of the split still prepared
-            from ..errors import MedVolR1Error
-
-            if not isinstance(exc, MedVolR1Error):
-                raise
-            skipped.append({"case": source.case_id, "target": "*", "reason": f"unreadable case: {exc}"})
+        jobs.append((source, split, config))
+    oracle = (args.oracle_propagator, args.sam_checkpoint) if args.oracle_stride > 0 else None
+    records: dict[str, list[VRSRecord]] = {"train": [], "test": []}
+    notes: dict[str, dict] = {}  # per case: how its files were read (M3D-Seg axial axis and the reason)
+    sources = {}
+    for source, split, result in _run_jobs(jobs, oracle, args.workers):
+        if "error" in result:
+            skipped.append({"case": source.case_id, "target": "*", "reason": f"unreadable case: {result['error']}"})
             continue
         sources[source.case_id] = source
-        if case.notes:
-            notes[source.case_id] = case.notes
-        report = build_records(case, config, propagator=propagator if split == "train" else None)
-        records[split] += report.records
-        skipped += [{**s, "split": split} for s in report.skipped]
+        if result["notes"]:
+            notes[source.case_id] = result["notes"]
+        records[split] += result["records"]
+        skipped += [{**s, "split": split} for s in result["skipped"]]
     write_cases(out / "cases.json", list(sources.values()))
     for split, rows in records.items():
         write_records(out / f"{split}.jsonl", rows)
@@ -304,6 +299,66 @@ def prepare_dataset(args: PrepareArguments) -> dict:
 
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     return summary
+
+
+_WORKER_PROPAGATOR: dict = {}  # per process: the oracle propagator, built once
+
+
+def prepare_case(source, config: PrepareConfig, oracle: Optional[tuple[str, Optional[str]]]) -> dict:
+    """One case -> {"records", "skipped", "notes"}, or {"error"} for a case that cannot be read (reported, not fatal)."""
+    from ..errors import MedVolR1Error
+    from .store import load_case
+
+    try:
+        case = load_case(source)
+    except MedVolR1Error as exc:  # a corrupt case is reported, the rest of the split still prepared
+        return {"error": str(exc)}
+    propagator = None
+    if oracle is not None and config.oracle_stride > 0:
+        if oracle not in _WORKER_PROPAGATOR:
+            from ..propagation.factory import build_propagator
+
+            _WORKER_PROPAGATOR[oracle] = build_propagator(oracle[0], sam_checkpoint=oracle[1])
+        propagator = _WORKER_PROPAGATOR[oracle]
+    report = build_records(case, config, propagator=propagator)
+    return {"records": report.records, "skipped": report.skipped, "notes": case.notes}
+
+
+def _prepare_job(job) -> dict:
+    source, _, config, oracle = job
+    return prepare_case(source, config, oracle)
+
+
+def _worker_init(threads: int, uses_torch: bool) -> None:
+    """Share the cores between workers (only the oracle's propagator runs torch)."""
+    if uses_torch:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+
+
+def _run_jobs(jobs: list, oracle, workers: int):
+    """(source, split, result) per job, in job order whatever the worker count: the output is the same bytes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for source, split, config in jobs:
+            yield source, split, prepare_case(source, config, oracle)
+        return
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads, oracle is not None)) as pool:
+        results = pool.map(_prepare_job, [(source, split, config, oracle) for source, split, config in jobs])
+        for (source, split, _), result in zip(jobs, results):
+            yield source, split, result
+
+
+def release_plans(args) -> list:
+    """Cases read from raw files as the release prepares them (`release_data`); none unless asked."""
+    return []
 
 
 def exclude_seen_volumes(plans: list, allow: bool) -> tuple[list, list[dict]]:
