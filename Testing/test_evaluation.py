@@ -134,13 +134,19 @@ def _m3d_cases(root, cases, shape=(32, 32, 12), seed=0):
 
 @pytest.fixture(scope="module")
 def sharded_data(tmp_path_factory):
-    """Prepared test split of three M3D-Seg cases (NSD in voxels) plus the sample CT (NSD in mm)."""
+    """Prepared test split of three M3D-Seg cases (NSD in voxels) and a raw CT-ORG NIfTI case (NSD in mm)."""
+    from test_release_data import write_ctorg_case
+
     from MedVolR1Lib.training.prepare import PrepareArguments, prepare_dataset
 
     root = tmp_path_factory.mktemp("shard_m3d")
     _m3d_cases(root, [("c1", "train"), ("c2", "test"), ("c3", "test"), ("c4", "test")])
+    raw = tmp_path_factory.mktemp("shard_ctorg")
+    write_ctorg_case(raw, 5)
+    (raw / "split.json").write_text(json.dumps({"train": [], "test": [5]}))
     out = tmp_path_factory.mktemp("shard_data")
     prepare_dataset(PrepareArguments(out_dir=str(out), sample_ct=False, allow_seen_volumes=True, m3d_root=str(root), m3d_datasets="0003",
+                                     ctorg_nifti_root=str(raw), ctorg_split_file=str(raw / "split.json"), ctorg_size=56,
                                      targets="liver,kidneys", num_views=4, image_size=56, max_queries_per_target=1))
     return out
 
@@ -162,7 +168,7 @@ def test_two_torchrun_shards_merge_into_the_one_process_table(sharded_data, tmp_
 
     one = tmp_path / "one"
     single = evaluate(_eval_args(sharded_data, one), runners=[])
-    assert {e["nsd_unit"] for e in single["table"] if e["dataset"] != "all"} == {"voxels"}
+    assert {e["nsd_unit"] for e in single["table"] if e["dataset"] != "all"} == {"mm", "voxels"}
     two = tmp_path / "two"
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
@@ -177,7 +183,7 @@ def test_two_torchrun_shards_merge_into_the_one_process_table(sharded_data, tmp_
     for name in ("results.csv", "per_record.csv"):
         assert (two / name).read_text() == (one / name).read_text(), name
     report = (two / "report.md").read_text()
-    assert "AbdomenCT-1K (0003) [voxels]" in report
+    assert "AbdomenCT-1K (0003) [voxels]" in report and "CT-ORG (raw HU, WC40/WW400, 512 px) [mm]" in report
 
 
 def test_merge_by_hand_and_its_refusals(sharded_data, tmp_path):

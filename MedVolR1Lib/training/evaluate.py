@@ -450,7 +450,10 @@ def summarise(rows: list[dict], methods: Sequence[str]) -> dict:
 
 def dataset_title(code: str) -> str:
     from ..m3d import DATASETS
+    from ..release_data import CTORG_DATASET, CTORG_TITLE
 
+    if code == CTORG_DATASET:
+        return CTORG_TITLE
     return f"{DATASETS[code].name} ({code})" if code in DATASETS else ("sample CT" if code == "sample" else code)
 
 

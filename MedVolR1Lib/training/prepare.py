@@ -18,6 +18,7 @@ import numpy as np
 
 from .records import VRSRecord
 from .store import LoadedCase
+from ..release_data import RELEASE_WINDOW
 from ..windowing import window_for_target
 
 # Targets that make sense for the embedded sample CT and the three M3D-Seg datasets.
@@ -226,6 +227,10 @@ class PrepareArguments:
     sam_checkpoint: Optional[str] = None
     prepare_seed: int = 0
     workers: int = field(default=1, metadata={"help": "parallel processes, one case each (output identical to 1 worker)"})
+    ctorg_nifti_root: Optional[str] = field(
+        default=None, metadata={"help": "raw CT-ORG download (volume-N / labels-N NIfTI): prepared as the release does, HU + WC40/WW400 + 512 px"})
+    ctorg_split_file: Optional[str] = field(default=None, metadata={"help": "JSON {train: [case numbers], test: [...]} for ctorg_nifti_root"})
+    ctorg_size: int = field(default=512, metadata={"help": "in-plane size of the raw CT-ORG slices (the release: 512; 0 keeps them)"})
 
 
 def prepare_dataset(args: PrepareArguments) -> dict:
@@ -255,14 +260,16 @@ def prepare_dataset(args: PrepareArguments) -> dict:
                 for ref in refs:
                     source = CaseSource(ref.case_id, "m3d", image=str(ref.folder), labels=str(ref.label_path), orientation=args.m3d_orientation, dataset=code)
                     plans.append((source, split, args.m3d_laterality or laterality_allowed(ref.folder)))
-    plans += release_plans(args)
-    plans, skipped = exclude_seen_volumes(plans, args.allow_seen_volumes)
+    release, problems = release_plans(args)
+    plans, skipped = exclude_seen_volumes(plans + release, args.allow_seen_volumes)
+    skipped = problems + skipped
     paraphrased = {c.strip() for c in args.paraphrased_test_datasets.split(",") if c.strip()}
     lesion_datasets = {c.strip() for c in args.lesion_instance_datasets.split(",") if c.strip()}
     jobs = []
     for source, split, laterality in plans:
+        window = args.view_window or (RELEASE_WINDOW if source.kind == "ctorg_nifti" else None)
         config = PrepareConfig(
-            targets=targets, num_views=args.num_views, image_size=args.image_size, window=args.view_window,
+            targets=targets, num_views=args.num_views, image_size=args.image_size, window=window,
             query_split="train" if split == "train" else "held_out", max_queries_per_target=args.max_queries_per_target,
             view_sets=args.train_view_sets if split == "train" else 1, laterality=laterality,
             query_kinds=("paraphrase",) if split == "test" and source.dataset in paraphrased else (),
@@ -356,9 +363,34 @@ def _run_jobs(jobs: list, oracle, workers: int):
             yield source, split, result
 
 
-def release_plans(args) -> list:
-    """Cases read from raw files as the release prepares them (`release_data`); none unless asked."""
-    return []
+def release_plans(args) -> tuple[list, list[dict]]:
+    """CT-ORG from raw NIfTI as the release prepares it (`release_data`), when `ctorg_nifti_root` is set.
+
+    Returns (plans, problems): unpaired files and split entries without files are reported, not dropped silently.
+    """
+    if not args.ctorg_nifti_root:
+        return [], []
+    from ..errors import DataError
+    from ..release_data import CTORG_DATASET, find_ctorg_pairs, read_ctorg_split
+    from .store import CaseSource
+
+    if not args.ctorg_split_file:
+        raise DataError("ctorg_nifti_root needs ctorg_split_file ({\"train\": [case numbers], \"test\": [...]}): "
+                        "the release's split files are not public")
+    pairs, problems = find_ctorg_pairs(args.ctorg_nifti_root)
+    by_number = {p.number: p for p in pairs}
+    plans = []
+    for split, numbers in read_ctorg_split(args.ctorg_split_file).items():
+        for number in numbers:
+            pair = by_number.get(number)
+            if pair is None:
+                problems.append({"case": f"{CTORG_DATASET}/volume-{number}", "target": "*", "split": split,
+                                 "reason": f"in the split file but no volume/labels pair under {args.ctorg_nifti_root}"})
+                continue
+            source = CaseSource(pair.case_id, "ctorg_nifti", image=str(pair.volume), labels=str(pair.labels),
+                                dataset=CTORG_DATASET, resize=args.ctorg_size)
+            plans.append((source, split, False))  # laterality: CT-ORG's targets here have no sides to check
+    return plans, problems
 
 
 def exclude_seen_volumes(plans: list, allow: bool) -> tuple[list, list[dict]]:

@@ -27,15 +27,17 @@ SAMPLE_CT_CASE = "sample_ct"
 
 @dataclass(frozen=True)
 class CaseSource:
-    """How to load one case: the embedded sample CT, an M3D-Seg case folder, or image + label map files."""
+    """How to load one case: the embedded sample CT, an M3D-Seg case folder, image + label map files, or a raw
+    CT-ORG NIfTI pair prepared as the release does (`release_data`)."""
 
     case_id: str
-    kind: str  # "sample_ct" | "m3d" | "files"
+    kind: str  # "sample_ct" | "m3d" | "files" | "ctorg_nifti"
     image: Optional[str] = None  # m3d: case folder; files: scan path
     labels: Optional[str] = None  # m3d: mask npz; files: label map path
     label_names: dict[str, str] = field(default_factory=dict)  # files: value -> name
     orientation: Optional[str] = None  # m3d only
     dataset: str = ""  # "sample", "0003", ... (evaluation groups by it)
+    resize: int = 0  # ctorg_nifti: slices resized to resize x resize (the release: 512); 0 keeps them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +106,11 @@ def load_case(source: CaseSource) -> LoadedCase:
             label_map[case.masks[c]] = c + 1
         return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)}, case.axes.as_dict(),
                           spacing_known=False)
+    if source.kind == "ctorg_nifti":
+        from ..release_data import CTORG_LABELS, load_ctorg_case
+
+        volume, labels = load_ctorg_case(source.image, source.labels, size=source.resize or 0, name=source.case_id.replace("/", "_"))
+        return LoadedCase(source, volume, labels, {c + 1: n for c, n in enumerate(CTORG_LABELS)})
     if source.kind == "files":
         from ..readers import load_label_map, load_volume
 
