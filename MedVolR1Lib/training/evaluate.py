@@ -516,12 +516,16 @@ def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArgume
                       "it is not: M3D-Seg stores no spacing; each column names its unit)", ""]
         lines += table1(summary, lambda e: f"{100 * e['nsd']:.2f}", units=True)
         lines += [""]
-    lines += ["## Overall", "", "| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {e['method']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" for e in overall]
-    lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |",
-              "|---|---|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {e['method']} | {e['dataset']} | {e['target']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |"
-              for e in summary["table"] if e["dataset"] != "all"]
+    unit_head, unit_rule = (" nsd unit |", "---|") if "nsd" in metrics else ("", "")
+
+    def cells(e: dict) -> str:
+        return " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" + (f" {e.get('nsd_unit', '')} |" if unit_head else "")
+
+    lines += ["## Overall", "", "| method | n | " + " | ".join(metrics) + " |" + unit_head, "|---|---|" + "---|" * len(metrics) + unit_rule]
+    lines += [f"| {e['method']} | {e['n']} | " + cells(e) for e in overall]
+    lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |" + unit_head,
+              "|---|---|---|---|" + "---|" * len(metrics) + unit_rule]
+    lines += [f"| {e['method']} | {e['dataset']} | {e['target']} | {e['n']} | " + cells(e) for e in summary["table"] if e["dataset"] != "all"]
     lines += ["", f"Wall time {summary.get('seconds', 0.0):.1f} s. Plot: metrics.png. Per record: per_record.csv.", ""]
     atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
     atomic_write(folder / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=str)))
