@@ -48,19 +48,20 @@ def decode_instance(value: int) -> Optional[tuple[int, int]]:
     return (value // INSTANCE_BASE, value % INSTANCE_BASE) if value >= INSTANCE_BASE else None
 
 
-def components(mask: np.ndarray) -> list[np.ndarray]:
-    """26-connected components of a 3D mask, as bool masks in the fixed instance order (largest first,
-    ties by the first voxel in array order)."""
+def labelled_components(mask: np.ndarray) -> tuple[np.ndarray, list[int], list[int]]:
+    """26-connected components of a 3D mask: (label array, component ids in the fixed instance order, their voxel
+    counts).  The order is most voxels first, ties by the first voxel in array order; masks are made only on demand,
+    so a scan with many specks costs one label array, not one volume per speck."""
     labelled, count = ndimage.label(np.asarray(mask) != 0, structure=_CONNECTIVITY)
     if count == 0:
-        return []
+        return labelled, [], []
     flat = labelled.ravel()
     sizes = np.bincount(flat, minlength=count + 1)[1:]
     nonzero = np.flatnonzero(flat)
     first = np.full(count, flat.size, dtype=np.int64)
     np.minimum.at(first, flat[nonzero] - 1, nonzero)
     order = sorted(range(count), key=lambda n: (-int(sizes[n]), int(first[n])))
-    return [labelled == n + 1 for n in order]
+    return labelled, [n + 1 for n in order], [int(sizes[n]) for n in order]
 
 
 def instance_mask(label_map: np.ndarray, value: int) -> np.ndarray:
@@ -69,10 +70,10 @@ def instance_mask(label_map: np.ndarray, value: int) -> np.ndarray:
     if decoded is None:
         return np.asarray(label_map) == int(value)
     label, number = decoded
-    parts = components(np.asarray(label_map) == label)
-    if number > len(parts):
-        raise DataError(f"label {label} has {len(parts)} connected instances; instance {number} does not exist")
-    return parts[number - 1]
+    labelled, ids, _ = labelled_components(np.asarray(label_map) == label)
+    if number > len(ids):
+        raise DataError(f"label {label} has {len(ids)} connected instances; instance {number} does not exist")
+    return labelled == ids[number - 1]
 
 
 @dataclass
@@ -160,18 +161,21 @@ def survey_lesions(
     lesion_labels = {kind: by_name[name] for name, kind in LESION_KINDS.items() if name in by_name}
     kidney_label = by_name.get("kidney")
     organ = np.isin(label_map, [v for v in [kidney_label, *lesion_labels.values()] if v is not None])
-    kidney_masks = components(organ)[:2]
+    organ_labels, organ_ids, _ = labelled_components(organ)
+    kidney_masks = [organ_labels == n for n in organ_ids[:2]]
+    del organ_labels
     sides = _sides(kidney_masks) if laterality else [None] * len(kidney_masks)
     kidneys = [Kidney(n + 1, m, s) for n, (m, s) in enumerate(zip(kidney_masks, sides))]
     centroids = [np.argwhere(k.mask).mean(axis=0) for k in kidneys]
     instances: list[LesionInstance] = []
     skipped: list[tuple[str, str]] = []
     for kind, label in lesion_labels.items():
-        for number, mask in enumerate(components(label_map == label), start=1):
-            voxels = int(mask.sum())
+        labelled, ids, sizes = labelled_components(label_map == label)
+        for number, (component, voxels) in enumerate(zip(ids, sizes), start=1):
             if voxels < min_voxels:
                 skipped.append((INSTANCE_TARGETS[kind], f"{kind} instance {number}: a speck of {voxels} voxels (< {min_voxels}), not a lesion"))
                 continue
+            mask = labelled == component
             coords = np.argwhere(mask)
             inst = LesionInstance(kind, label, number, mask, voxels, float(coords[:, 0].mean()))
             holders = [k for k in kidneys if (k.mask & mask).any()]

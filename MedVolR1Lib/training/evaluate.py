@@ -264,6 +264,20 @@ def shard_of(args: EvalArguments, environ=None) -> Optional[tuple[int, int]]:
     return None
 
 
+def bind_local_gpu(environ) -> Optional[int]:
+    """Under torchrun / accelerate, make LOCAL_RANK's GPU the current one, so "auto" puts this shard's model and
+    propagator there instead of every shard on GPU 0.  Returns the GPU index, None when there is nothing to bind."""
+    local = environ.get("LOCAL_RANK")
+    if local is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or int(local) >= torch.cuda.device_count():
+        return None
+    torch.cuda.set_device(int(local))
+    return int(local)
+
+
 def shard_positions(records: Sequence[VRSRecord], index: int, count: int) -> list[int]:
     """Positions of the records of shard `index`: cases dealt round robin in order of first appearance."""
     cases: dict[str, int] = {}
@@ -291,6 +305,8 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
 
         torch.set_num_threads(args.eval_threads)
     shard = shard_of(args, environ)
+    if shard is not None:
+        bind_local_gpu(os.environ if environ is None else environ)
     data = Path(args.eval_data_dir)
     records = read_records(data / f"{args.eval_file}.jsonl")
     if args.max_records:
