@@ -314,3 +314,15 @@ def test_prepare_with_two_workers_writes_the_same_bytes_as_one(tmp_path):
         report["settings"].pop("workers"), report["settings"].pop("out_dir")
         outputs[workers] = {name: (out / name).read_bytes() for name in ("cases.json", "train.jsonl", "test.jsonl")}, report
     assert outputs[1] == outputs[2]
+
+
+def test_a_channel_with_voxels_that_no_target_reads_is_reported(tmp_path):
+    from MedVolR1Lib.training.prepare import PrepareArguments, prepare_dataset
+
+    root = tmp_path / "M3D_Seg"
+    write_case(root, "0003", "case_00001", channels=3, labels_json=False)  # liver and kidney have voxels, spleen none
+    summary = prepare_dataset(PrepareArguments(out_dir=str(tmp_path / "data"), sample_ct=False, m3d_root=str(root),
+                                               m3d_datasets="0003", targets="liver", num_views=4, image_size=56))
+    unread = [(s["target"], s["reason"]) for s in summary["skipped"] if s["case"] == "0003/case_00001"]
+    assert ("kidney", "channel has voxels but no requested target reads it") in unread
+    assert not any(t == "spleen" for t, _ in unread)  # an empty channel is not data left out
