@@ -105,6 +105,10 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
     if config.lesion_instances:
         lesion_kinds = sorted({LESION_CLASS_TARGETS[t] for t in targets if t in LESION_CLASS_TARGETS}, reverse=True)
         targets = [t for t in targets if t not in LESION_CLASS_TARGETS]
+    else:
+        for t in [t for t in targets if t.endswith("_instance") and t in LESION_CLASS_TARGETS]:
+            report.skipped.append({"case": case_id, "target": t, "reason": "per-lesion target outside lesion_instance_datasets"})
+            targets.remove(t)
     report.skipped += unused_channels(case, targets, lesion_kinds)
     rng = random.Random(f"{config.seed}:{case_id}")
     for set_index, shown in enumerate(shown_slice_sets(case.volume, config.num_views, config.view_sets, config.seed)):
