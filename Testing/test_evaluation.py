@@ -209,3 +209,16 @@ def test_merge_by_hand_and_its_refusals(sharded_data, tmp_path):
         parse_shard("3/3")
     assert shard_of(_eval_args(sharded_data, hand), {"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4)
     assert shard_of(_eval_args(sharded_data, hand), {"RANK": "0", "WORLD_SIZE": "1"}) is None
+
+
+def test_nsd_tolerance_is_in_voxels_without_a_spacing_and_in_mm_with_one():
+    from MedVolR1Lib.metrics import score_masks
+
+    gt = np.zeros((12, 12, 12), bool)
+    gt[3:9, 3:9, 3:9] = True
+    pred = np.roll(gt, 2, axis=2)  # surfaces 2 voxels apart along i
+    voxels = score_masks(pred, gt, None, 2.0)
+    fine = score_masks(pred, gt, (0.5, 0.5, 0.5), 2.0)  # 2 voxels = 1 mm: inside a 2 mm tolerance
+    coarse = score_masks(pred, gt, (2.0, 2.0, 2.0), 2.0)  # 2 voxels = 4 mm: the shifted faces fall outside
+    assert (voxels.unit, fine.unit, coarse.unit) == ("voxels", "mm", "mm")
+    assert voxels.nsd == pytest.approx(1.0) and fine.nsd == pytest.approx(1.0) and coarse.nsd < 0.9
