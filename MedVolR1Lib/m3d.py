@@ -55,11 +55,25 @@ class M3DDatasetInfo:
     orientation: str = "RAS"
     orientation_verified: bool = False
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # unknown in M3D-Seg; used for NSD tolerance only
+    # a dataset json's short names -> the names the query table knows ("tumor" in KiTS23 is the kidney tumour,
+    # not the generic "lesion" target; "cyst" would otherwise match no target at all)
+    aliases: tuple[tuple[str, str], ...] = ()
 
+    def canonical_name(self, name: str) -> str:
+        from .queries import normalise_name
+
+        key = normalise_name(name)
+        return dict(self.aliases).get(key, key)
+
+
+_KITS_ALIASES = (
+    ("tumor", "kidney_tumor"), ("renal_tumor", "kidney_tumor"), ("kidney_tumour", "kidney_tumor"), ("mass", "kidney_tumor"),
+    ("cyst", "kidney_cyst"), ("renal_cyst", "kidney_cyst"), ("kidneys", "kidney"),
+)
 
 DATASETS: dict[str, M3DDatasetInfo] = {
     "0003": M3DDatasetInfo("0003", "AbdomenCT-1K", ("liver", "kidney", "spleen", "pancreas")),
-    "0004": M3DDatasetInfo("0004", "KiTS23", ("kidney", "kidney_tumor", "kidney_cyst")),
+    "0004": M3DDatasetInfo("0004", "KiTS23", ("kidney", "kidney_tumor", "kidney_cyst"), aliases=_KITS_ALIASES),
     "0012": M3DDatasetInfo("0012", "CT-ORG", ("liver", "bladder", "lungs", "kidneys", "bone", "brain")),
 }
 
@@ -299,12 +313,18 @@ def _json_labels(dataset_folder: Path) -> Optional[tuple[str, ...]]:
 
 
 def channel_label_names(folder: Path, channels: int) -> tuple[str, ...]:
-    """Names for channels 0..C-1: the dataset json's ``labels``, else the built-in table, else label_{c+1}."""
+    """Names for channels 0..C-1: the dataset json's ``labels``, else the built-in table, else label_{c+1}.
+
+    A known dataset's short json names are mapped to the names its targets use (KiTS23's "tumor" and "cyst"
+    -> kidney_tumor, kidney_cyst), so those channels become their targets instead of a generic one or none.
+    """
     folder = Path(folder).resolve()
+    info = DATASETS.get(folder.parent.name)
     names = _json_labels(folder.parent)
     if names is None:
-        info = DATASETS.get(folder.parent.name)
         names = info.labels if info else ()
+    elif info is not None:
+        names = tuple(info.canonical_name(n) for n in names)
     return tuple(names[c] if c < len(names) else f"label_{c + 1}" for c in range(channels))
 
 

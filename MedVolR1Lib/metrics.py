@@ -9,6 +9,10 @@ distance transforms with `sampling=spacing`.
 Empty masks, defined explicitly: both empty -> Dice 1, IoU 1, NSD 1, HD95 0 (nothing to find, nothing
 found); exactly one empty -> Dice 0, IoU 0, NSD 0, HD95 inf.
 HD95 is the larger of the two directed 95th percentiles (as MONAI computes it).
+
+Units: with a spacing, distances and the NSD tolerance are in mm.  Without one (`spacing=None`: the scan
+stores no voxel size, as M3D-Seg's arrays do) they are in voxels, and `SegmentationScores.unit` says so,
+so a "2 mm" NSD is never reported for what was really 2 voxels.
 """
 
 from __future__ import annotations
@@ -109,17 +113,24 @@ class SegmentationScores:
     iou: float
     nsd: float
     hd95: float
-    tolerance_mm: float
+    tolerance_mm: float  # the NSD tolerance, in `unit`
+    unit: str = "mm"  # "mm" when a spacing was given, "voxels" when not
 
-    def as_dict(self) -> dict[str, float]:
-        return {"dice": self.dice, "iou": self.iou, "nsd": self.nsd, "hd95": self.hd95, "tolerance_mm": self.tolerance_mm}
+    def as_dict(self) -> dict:
+        return {"dice": self.dice, "iou": self.iou, "nsd": self.nsd, "hd95": self.hd95, "tolerance_mm": self.tolerance_mm, "unit": self.unit}
+
+
+def distance_unit(spacing: Optional[Sequence[float]]) -> str:
+    """"mm" when distances are scaled by a voxel spacing, "voxels" when none is known."""
+    return "voxels" if spacing is None else "mm"
 
 
 def score_masks(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None, tolerance_mm: float = 2.0) -> SegmentationScores:
-    """All four metrics; the surface distances are computed once."""
+    """All four metrics; the surface distances are computed once.  `spacing=None`: distances in voxels."""
     p, g = _binary_pair(pred, gt)
+    unit = distance_unit(spacing)
     if p.any() and g.any():
         d_pred, d_gt = surface_distances(p, g, spacing)
         within = (np.count_nonzero(d_pred <= tolerance_mm) + np.count_nonzero(d_gt <= tolerance_mm)) / (d_pred.size + d_gt.size)
-        return SegmentationScores(dice(p, g), iou(p, g), float(within), float(max(np.percentile(d_pred, 95), np.percentile(d_gt, 95))), tolerance_mm)
-    return SegmentationScores(dice(p, g), iou(p, g), nsd(p, g, spacing, tolerance_mm), hd95(p, g, spacing), tolerance_mm)
+        return SegmentationScores(dice(p, g), iou(p, g), float(within), float(max(np.percentile(d_pred, 95), np.percentile(d_gt, 95))), tolerance_mm, unit)
+    return SegmentationScores(dice(p, g), iou(p, g), nsd(p, g, spacing, tolerance_mm), hd95(p, g, spacing), tolerance_mm, unit)

@@ -192,37 +192,96 @@ def build_samples(
             skipped.append(SkippedTarget(entry.key, "only laterality queries, and laterality is not allowed for this case"))
             continue
         profile = profile_labels(label_map, parts, entry.key, rules=rules, box_per_part=True if entry.one_box else None)
-        shown_areas = profile.areas[list(shown)]
-        if shown_areas.max() == 0:
-            skipped.append(SkippedTarget(entry.key, "not on any shown slice"))
-            continue
-        if shown_areas.max() < min_key_voxels:
-            skipped.append(SkippedTarget(entry.key, f"too small on the shown slices ({int(shown_areas.max())} voxels < {min_key_voxels})"))
-            continue
-        key = profile.key_slice_among(shown)
-        boxes_by_slice = profile.boxes_for(shown)
-        pixel_by_slice = {k: [list(geometry.to_pixel_box(b)) for b in boxes] for k, boxes in boxes_by_slice.items()}
         names = [label_names[v] for v in values if v in label_names]
-        samples.append(
-            VRSSample(
-                case_id=case_id,
-                target=entry.key,
-                label_names=names,
-                label_values=values,
-                parts=[list(p) for p in parts],
-                queries=queries,
-                shown_slices=list(shown),
-                image_size=image_size,
-                geometry=_geometry_dict(geometry),
-                key_slice=key,
-                boxes_voxel=[b.as_list() for b in boxes_by_slice[key]],
-                boxes_pixel=pixel_by_slice[key],
-                boxes_pixel_by_slice=pixel_by_slice,
-                slice_areas=[int(a) for a in profile.areas],
-                spacing=list(volume.spacing),
-                modality=volume.modality,
-            )
-        )
+        made = _sample_from_profile(profile, volume, geometry, case_id=case_id, target=entry.key, values=values, parts=parts,
+                                    names=names, queries=queries, shown=shown, image_size=image_size, min_key_voxels=min_key_voxels)
+        (samples if isinstance(made, VRSSample) else skipped).append(made)
+    return SampleSet(samples=samples, skipped=skipped)
+
+
+def _sample_from_profile(profile, volume: Volume, geometry: ViewGeometry, *, case_id: str, target: str, values: list[int],
+                         parts: list[list[int]], names: list[str], queries: list[Query], shown: Sequence[int], image_size: int,
+                         min_key_voxels: int):
+    """A VRSSample from a profiled target mask, or the SkippedTarget saying why the shown slices cannot carry it."""
+    shown = list(shown)
+    shown_areas = profile.areas[shown]
+    if shown_areas.max() == 0:
+        return SkippedTarget(target, "not on any shown slice")
+    if shown_areas.max() < min_key_voxels:
+        return SkippedTarget(target, f"too small on the shown slices ({int(shown_areas.max())} voxels < {min_key_voxels})")
+    key = profile.key_slice_among(shown)
+    boxes_by_slice = profile.boxes_for(shown)
+    pixel_by_slice = {k: [list(geometry.to_pixel_box(b)) for b in boxes] for k, boxes in boxes_by_slice.items()}
+    return VRSSample(
+        case_id=case_id,
+        target=target,
+        label_names=names,
+        label_values=values,
+        parts=[list(p) for p in parts],
+        queries=queries,
+        shown_slices=shown,
+        image_size=image_size,
+        geometry=_geometry_dict(geometry),
+        key_slice=key,
+        boxes_voxel=[b.as_list() for b in boxes_by_slice[key]],
+        boxes_pixel=pixel_by_slice[key],
+        boxes_pixel_by_slice=pixel_by_slice,
+        slice_areas=[int(a) for a in profile.areas],
+        spacing=list(volume.spacing),
+        modality=volume.modality,
+    )
+
+
+def build_lesion_samples(
+    volume: Volume,
+    label_map: np.ndarray,
+    label_names: Mapping[int, str],
+    *,
+    case_id: str,
+    shown_slices: Sequence[int],
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    kinds: Sequence[str] = ("tumor", "cyst"),
+    rules: BoxRules = BoxRules(),
+    min_key_voxels: int = 10,
+    min_lesion_voxels: int = 10,
+    allow_laterality: bool = False,
+) -> SampleSet:
+    """One sample per KiTS23 lesion instance (`kits_lesions`): the target is that tumour or cyst alone.
+
+    Every instance that yields no sample is in `skipped` with the reason: a speck, no query that tells it
+    apart from its kind (equal sizes and heights, or only a side that is not allowed), not on the shown
+    slices, too small there.  A kind without any instance is reported absent.
+    """
+    from .kits_lesions import INSTANCE_TARGETS, instance_queries, survey_lesions
+    from .targets import profile_target
+
+    label_map = np.asarray(label_map)
+    if label_map.shape != volume.shape:
+        raise DataError(f"{volume.name}: label map shape {label_map.shape} differs from the volume's {volume.shape}")
+    survey = survey_lesions(label_map, label_names, laterality=allow_laterality, min_voxels=min_lesion_voxels)
+    geometry = ViewGeometry.for_volume(volume, image_size)
+    samples: list[VRSSample] = []
+    skipped = [SkippedTarget(t, r) for t, r in survey.skipped if any(INSTANCE_TARGETS[k] == t for k in kinds)]
+    for kind in kinds:
+        if not any(i.kind == kind for i in survey.instances) and not any(t == INSTANCE_TARGETS[kind] for t, _ in survey.skipped):
+            skipped.append(SkippedTarget(INSTANCE_TARGETS[kind], f"absent: no {kind} in {case_id}"))
+    for inst in survey.instances:
+        if inst.kind not in kinds:
+            continue
+        label = f"{inst.kind} instance {inst.number}"
+        queries = [q for q in instance_queries(inst) if allow_laterality or not mentions_side(q)]
+        if not queries:
+            skipped.append(SkippedTarget(inst.target, f"{label}: nothing tells it apart from the other {inst.count_in_case - 1} "
+                                                      f"{inst.kind}(s) (equal size and height, or only its side, which is not allowed)"))
+            continue
+        profile = profile_target(inst.mask, inst.target, rules=rules)
+        made = _sample_from_profile(profile, volume, geometry, case_id=case_id, target=inst.target, values=[inst.value],
+                                    parts=[[inst.value]], names=[label_names.get(inst.label, str(inst.label))], queries=queries,
+                                    shown=shown_slices, image_size=image_size, min_key_voxels=min_key_voxels)
+        if isinstance(made, SkippedTarget):
+            skipped.append(SkippedTarget(inst.target, f"{label}: {made.reason}"))
+        else:
+            samples.append(made)
     return SampleSet(samples=samples, skipped=skipped)
 
 

@@ -160,7 +160,7 @@ def test_paraphrased_test_dataset_gets_only_held_out_paraphrases(tmp_path):
     _kits_case(root, "bt")
     prepare_dataset(PrepareArguments(
         out_dir=str(tmp_path / "data"), sample_ct=False, m3d_root=str(root), m3d_datasets="0004", paraphrased_test_datasets="0004",
-        targets="kidney_tumor,kidneys", num_views=4, image_size=56,
+        targets="kidney_tumor,kidneys", num_views=4, image_size=56, lesion_instance_datasets="",  # the union task
     ))
     train, test = read_records(tmp_path / "data" / "train.jsonl"), read_records(tmp_path / "data" / "test.jsonl")
     assert {r.target for r in test} == {"kidney_tumor"} and {r.query_kind for r in test} == {"paraphrase"}

@@ -417,3 +417,16 @@ def test_smoke_chain_runs_with_each_release_recipe(recipe, chain_qwen3, tmp_path
         "--checkpoints", f"grpo={out}", "--max_records", "1", "--blank_control", "false",
     ])
     assert (tmp_path / "eval" / "results.csv").exists() and result
+
+
+def test_a_non_saving_rank_writes_no_processor_or_manifest(chain, tmp_path, monkeypatch):
+    """On a rank other than the main one (simulated: transformers' should_save is False there) nothing is
+    written to the output folder; the main process's writes are what the chain tests check."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "should_save", property(lambda self: False))
+    out = tmp_path / "sft_rank1"
+    _script("sft").main(["--config", str(SMOKE), "--data_dir", str(chain["data"]), "--output_dir", str(out),
+                         "--model_name_or_path", str(chain["model"]), "--max_steps", "1"])
+    written = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert not [n for n in written if n.endswith((".json", ".safetensors", ".jinja", ".txt"))], written

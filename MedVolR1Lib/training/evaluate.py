@@ -13,6 +13,15 @@ setting) the GT key slice +- W.  Never a window around the method's own slice: a
 would then be scored on empty-vs-empty slices and get Dice 1.
 Test volumes must be unseen in training (the prior file's cases); `allow_seen_volumes` is the explicit
 opt-in of the single-CT checks, and the report then says so in its first line.
+
+NSD's tolerance is in mm where the scan's voxel size is known and in voxels where it is not (M3D-Seg
+stores none); every row says which (`nsd_unit`) and the report's headers carry it.
+
+Sharding (one GPU per shard): `shard="i/n"`, or RANK / WORLD_SIZE under torchrun or accelerate, gives
+this process every n-th case (all records of a case stay together, so its volume loads once).  Each
+shard writes its rows to ``<report_dir>/shards/``.  Under a launcher (torchrun / accelerate set
+TORCHELASTIC_RUN_ID) rank 0 waits for the other shards of the same launch and merges them into the
+same table one process would write; shards started by hand are merged with `--merge <report_dir>`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -63,6 +73,9 @@ class EvalArguments:
     nsd_tolerance_mm: float = 2.0
     device: str = "auto"
     eval_threads: int = field(default=0, metadata={"help": ">0: torch.set_num_threads"})
+    shard: str = field(default="", metadata={"help": "i/n: evaluate shard i (0-based) of n; default RANK/WORLD_SIZE under torchrun/accelerate"})
+    merge: Optional[str] = field(default=None, metadata={"help": "a sharded run's report_dir: merge its shards into one table and stop"})
+    shard_wait_s: float = field(default=86400.0, metadata={"help": "how long rank 0 waits for the other shards before merging"})
 
 
 # ---------------------------------------------------------------------------------------------- anchors
@@ -200,22 +213,27 @@ def scored_slices(record: VRSRecord, num_slices: int, window: int) -> tuple[int,
     return max(0, record.gt_slice - window), min(num_slices - 1, record.gt_slice + window)
 
 
-def mask_scores(store: VolumeStore, record: VRSRecord, anchor: Optional[EvidenceAnchor], window: int, tolerance: float) -> dict[str, float]:
-    """Dice / IoU / NSD on `scored_slices`; the propagation also covers the anchor's slice when it lies outside."""
+def mask_scores(store: VolumeStore, record: VRSRecord, anchor: Optional[EvidenceAnchor], window: int, tolerance: float) -> dict:
+    """Dice / IoU / NSD on `scored_slices`; the propagation also covers the anchor's slice when it lies outside.
+
+    The NSD tolerance is in mm when the case knows its voxel size, else in voxels (`nsd_unit` says which).
+    """
     from ..errors import DataError
     from ..metrics import array_spacing, score_masks
 
     case = store.case(record.case_id)
+    unit = case.distance_unit
     z0, z1 = scored_slices(record, case.volume.num_slices, window)
     gt = case.target_mask(record.labels)[z0 : z1 + 1]
     if not gt.any():  # empty-vs-empty would score 1: a record without target voxels is a data error
         raise DataError(f"record {record.id}: no target voxels in the scored slices {z0}-{z1}")
     if anchor is None:
-        return {"dice": 0.0, "iou": 0.0, "nsd": 0.0}
+        return {"dice": 0.0, "iou": 0.0, "nsd": 0.0, "nsd_unit": unit}
     k = anchor.slice_index
     pred = np.asarray(store.propagator(record.case_id).propagate(anchor, merge=True, slice_range=(min(z0, k), max(z1, k)))) > 0
-    scores = score_masks(pred[z0 : z1 + 1], gt, array_spacing(case.volume), tolerance)
-    return {"dice": scores.dice, "iou": scores.iou, "nsd": scores.nsd}
+    spacing = array_spacing(case.volume) if case.spacing_known else None
+    scores = score_masks(pred[z0 : z1 + 1], gt, spacing, tolerance)
+    return {"dice": scores.dice, "iou": scores.iou, "nsd": scores.nsd, "nsd_unit": scores.unit}
 
 
 def seen_volumes(test: Sequence[VRSRecord], train: Sequence[VRSRecord]) -> list[str]:
@@ -223,12 +241,72 @@ def seen_volumes(test: Sequence[VRSRecord], train: Sequence[VRSRecord]) -> list[
     return sorted({r.case_id for r in test} & {r.case_id for r in train})
 
 
-def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = None) -> dict:
-    """Score every method on every record; write report.md, results.csv, per_record.csv and metrics.png."""
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; ValueError with the expected form otherwise."""
+    index, sep, count = str(text).strip().partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard must be 'i/n' with 0 <= i < n (e.g. 0/8), got {text!r}")
+    return i, n
+
+
+def shard_of(args: EvalArguments, environ=None) -> Optional[tuple[int, int]]:
+    """This process's shard: `--shard`, else RANK/WORLD_SIZE (torchrun, accelerate) when the world has > 1 process."""
+    environ = os.environ if environ is None else environ
+    if args.shard:
+        return parse_shard(args.shard)
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        return parse_shard(f"{environ.get('RANK', '0')}/{world}")
+    return None
+
+
+def bind_local_gpu(environ) -> Optional[int]:
+    """Under torchrun / accelerate, make LOCAL_RANK's GPU the current one, so "auto" puts this shard's model and
+    propagator there instead of every shard on GPU 0.  Returns the GPU index, None when there is nothing to bind."""
+    local = environ.get("LOCAL_RANK")
+    if local is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or int(local) >= torch.cuda.device_count():
+        return None
+    torch.cuda.set_device(int(local))
+    return int(local)
+
+
+def shard_positions(records: Sequence[VRSRecord], index: int, count: int) -> list[int]:
+    """Positions of the records of shard `index`: cases dealt round robin in order of first appearance."""
+    cases: dict[str, int] = {}
+    for r in records:
+        cases.setdefault(r.case_id, len(cases))
+    return [n for n, r in enumerate(records) if cases[r.case_id] % count == index]
+
+
+def shard_path(report_dir: Path, index: int, count: int) -> Path:
+    return Path(report_dir) / "shards" / f"shard-{index:03d}-of-{count:03d}.json"
+
+
+def _shard_settings(args: EvalArguments) -> dict:
+    """The settings every shard of one run must share (shard and merge options left out)."""
+    return {k: getattr(args, k) for k in args.__dataclass_fields__ if k not in ("shard", "merge", "shard_wait_s")}
+
+
+def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = None, environ=None) -> dict:
+    """Score every method on every record (or this process's shard); write report.md, results.csv, per_record.csv
+    and metrics.png.  A shard writes its rows; rank 0 then waits for the rest and merges."""
+    if args.merge:
+        return merge_shards(Path(args.merge))
     if args.eval_threads > 0:
         import torch
 
         torch.set_num_threads(args.eval_threads)
+    shard = shard_of(args, environ)
+    if shard is not None:
+        bind_local_gpu(os.environ if environ is None else environ)
     data = Path(args.eval_data_dir)
     records = read_records(data / f"{args.eval_file}.jsonl")
     if args.max_records:
@@ -240,6 +318,7 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
 
         raise DataError(f"test volumes {', '.join(seen)} are training volumes ({args.prior_file}); evaluate on unseen volumes "
                         "(allow_seen_volumes only for single-CT checks)")
+    positions = list(range(len(records))) if shard is None else shard_positions(records, *shard)
     prior = BlindPrior(train)
     factory = None
     if args.propagator != "none":
@@ -249,9 +328,11 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
     store = VolumeStore.from_dir(data, propagator_factory=factory)
     if runners is None:
         runners = [load_checkpoint(spec.strip(), args) for spec in args.checkpoints.split(",") if spec.strip()]
+    methods = ["oracle", "blind_prior"] + [n for r in runners for n in ([r.name, f"{r.name}+blank"] if args.blank_control else [r.name])]
     rows: list[dict] = []
     started = time.perf_counter()
-    for record in records:
+    for position in positions:
+        record = records[position]
         volume = store.volume(record.case_id)
         guesses: list[tuple[str, AnchorGuess]] = [("oracle", oracle_guess(record)), ("blind_prior", prior.guess(record))]
         for runner in runners:
@@ -265,11 +346,100 @@ def evaluate(args: EvalArguments, *, runners: Optional[list[PolicyRunner]] = Non
                 row.update(mask_scores(store, record, guess.anchor, args.eval_window, args.nsd_tolerance_mm))
             row["answer"] = guess.raw[:200]
             rows.append(row)
-    summary = summarise(rows, [m for m, _ in guesses] if records else [])
-    summary["seconds"] = time.perf_counter() - started
-    summary["settings"] = {k: getattr(args, k) for k in args.__dataclass_fields__}
+    seconds = time.perf_counter() - started
+    if shard is None:
+        return _finish(Path(args.report_dir), rows, methods if records else [], [seconds], seen, args)
+    index, count = shard
+    run_id = (os.environ if environ is None else environ).get("TORCHELASTIC_RUN_ID")
+    payload = {"shard": [index, count], "run_id": run_id, "records": len(records), "positions": positions, "rows": rows,
+               "methods": methods, "seconds": seconds, "seen_volumes": seen, "settings": _shard_settings(args)}
+    path = shard_path(Path(args.report_dir), index, count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, default=str)))
+    done = {"shard": [index, count], "rows": len(rows), "seconds": seconds, "path": str(path)}
+    if index != 0 or run_id is None:  # by-hand shards cannot tell a finished peer from a stale file: merge by hand
+        return {**done, "merge": f"python Training/evaluate.py --merge {args.report_dir}"}
+    _wait_for_shards(Path(args.report_dir), count, run_id, args.shard_wait_s)
+    return merge_shards(Path(args.report_dir))
+
+
+def _shard_run_id(path: Path) -> Optional[str]:
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_shards(report_dir: Path, count: int, run_id: str, timeout_s: float, poll_s: float = 1.0) -> None:
+    """Until every shard of this launch (same run id, so no stale file of an earlier run counts) is written."""
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        missing = [i for i in range(count) if _shard_run_id(shard_path(report_dir, i, count)) != run_id]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            from ..errors import DataError
+
+            raise DataError(f"{report_dir}/shards: shards {missing} of {count} did not finish within {timeout_s:g} s; "
+                            f"merge later with --merge {report_dir}")
+        time.sleep(poll_s)
+
+
+def merge_shards(report_dir: Path) -> dict:
+    """Merge ``<report_dir>/shards/shard-*-of-N.json`` into the one-process report (rows in record order).
+
+    Refuses a missing shard, shards of different runs (another N, launch, record count or settings) and a
+    record scored twice, naming what is wrong.  The report's settings are the shards' own.
+    """
+    from ..errors import DataError
+
+    folder = Path(report_dir) / "shards"
+    files = sorted(folder.glob("shard-*-of-*.json"))
+    if not files:
+        raise DataError(f"{folder}: no shard files to merge (run Training/evaluate.py with --shard i/n first)")
+    shards = []
+    for path in files:
+        try:
+            shards.append(json.loads(path.read_text()))
+        except ValueError as exc:
+            raise DataError(f"{path}: not a shard file ({exc})") from exc
+    counts = {s["shard"][1] for s in shards}
+    if len(counts) != 1:
+        raise DataError(f"{folder}: shards of different splits (n = {sorted(counts)}); remove the stale ones")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {s["shard"][0] for s in shards})
+    if missing:
+        raise DataError(f"{folder}: shards {missing} of {count} are missing")
+    first = shards[0]
+    for s in shards[1:]:
+        if (s["records"] != first["records"] or s["settings"] != first["settings"] or s["methods"] != first["methods"]
+                or s.get("run_id") != first.get("run_id")):
+            raise DataError(f"{folder}: shard {s['shard'][0]} comes from another run (records, methods or settings differ)")
+    by_position: dict[int, list[dict]] = {}
+    for s in shards:
+        rows_per_record = len(s["methods"])
+        for n, position in enumerate(s["positions"]):
+            if position in by_position:
+                raise DataError(f"{folder}: record {position} was scored by two shards")
+            by_position[position] = s["rows"][n * rows_per_record : (n + 1) * rows_per_record]
+    if len(by_position) != first["records"]:
+        raise DataError(f"{folder}: the shards hold {len(by_position)} of {first['records']} records")
+    rows = [row for position in sorted(by_position) for row in by_position[position]]
+    args = EvalArguments(**{k: v for k, v in first["settings"].items() if k in EvalArguments.__dataclass_fields__})
+    args.report_dir = str(report_dir)
+    summary = _finish(Path(report_dir), rows, first["methods"] if first["records"] else [], [s["seconds"] for s in shards],
+                      first["seen_volumes"], args)
+    summary["shards"] = count
+    return summary
+
+
+def _finish(folder: Path, rows: list[dict], methods: Sequence[str], seconds: Sequence[float], seen: list[str], args: EvalArguments) -> dict:
+    summary = summarise(rows, methods)
+    summary["seconds"] = max(seconds) if seconds else 0.0
+    summary["shard_seconds"] = list(seconds)
+    summary["settings"] = _shard_settings(args)
     summary["seen_volumes"] = seen
-    write_report(Path(args.report_dir), rows, summary, args)
+    write_report(folder, rows, summary, args)
     return summary
 
 
@@ -287,22 +457,37 @@ def summarise(rows: list[dict], methods: Sequence[str]) -> dict:
         entry = {"method": method, "dataset": dataset, "target": target, "n": len(members)}
         for m in metrics:
             entry[m] = float(np.mean([r[m] for r in members]))
+        if "nsd" in metrics:
+            units = sorted({r.get("nsd_unit", "mm") for r in members})
+            entry["nsd_unit"] = units[0] if len(units) == 1 else "mm+voxels"
         table.append(entry)
     return {"metrics": metrics, "table": table, "methods": list(methods)}
 
 
 def dataset_title(code: str) -> str:
     from ..m3d import DATASETS
+    from ..release_data import CTORG_DATASET, CTORG_TITLE
 
+    if code == CTORG_DATASET:
+        return CTORG_TITLE
     return f"{DATASETS[code].name} ({code})" if code in DATASETS else ("sample CT" if code == "sample" else code)
 
 
-def table1(summary: dict, cell) -> list[str]:
-    """Rows = methods, columns = datasets (Table 1's layout); `cell(entry)` formats one cell."""
+def table1(summary: dict, cell, *, units: bool = False) -> list[str]:
+    """Rows = methods, columns = datasets (Table 1's layout); `cell(entry)` formats one cell.
+
+    `units=True` (the NSD table) adds each column's distance unit to its title: "[mm]" or "[voxels]".
+    """
     entries = {(e["method"], e["dataset"]): e for e in summary["table"] if e["target"] == "all"}
     datasets = sorted({d for _, d in entries if d != "all"})
     columns = datasets + (["all"] if len(datasets) > 1 else [])
-    lines = ["| method | " + " | ".join(dataset_title(d) if d != "all" else "all records" for d in columns) + " |",
+
+    def title(d: str) -> str:
+        text = dataset_title(d) if d != "all" else "all records"
+        unit = next((e.get("nsd_unit") for (_, dd), e in entries.items() if dd == d and e.get("nsd_unit")), None)
+        return f"{text} [{unit}]" if units and unit else text
+
+    lines = ["| method | " + " | ".join(title(d) for d in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for method in summary["methods"]:
         lines.append(f"| {method} | " + " | ".join(cell(entries[(method, d)]) if (method, d) in entries else "-" for d in columns) + " |")
@@ -322,7 +507,7 @@ def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArgume
 
         atomic_write(path, write)
 
-    write_csv(folder / "results.csv", summary["table"], ["method", "dataset", "target", "n", *metrics])
+    write_csv(folder / "results.csv", summary["table"], ["method", "dataset", "target", "n", *metrics, *(["nsd_unit"] if "nsd" in metrics else [])])
     if rows:
         write_csv(folder / "per_record.csv", rows, list(rows[0].keys()))
     overall = [e for e in summary["table"] if e["dataset"] == "all"]
@@ -342,15 +527,21 @@ def write_report(folder: Path, rows: list[dict], summary: dict, args: EvalArgume
     if "dice" in metrics:
         lines += ["## DSC (IoU) per dataset, % (Table 1 layout)", ""]
         lines += table1(summary, lambda e: f"{100 * e['dice']:.2f} ({100 * e['iou']:.2f})")
-        lines += ["", f"## NSD per dataset, % (tolerance {args.nsd_tolerance_mm:g} mm)", ""]
-        lines += table1(summary, lambda e: f"{100 * e['nsd']:.2f}")
+        tol = f"{args.nsd_tolerance_mm:g}"
+        lines += ["", f"## NSD per dataset, % (tolerance {tol} mm where the scan's voxel size is known, {tol} voxels where "
+                      "it is not: M3D-Seg stores no spacing; each column names its unit)", ""]
+        lines += table1(summary, lambda e: f"{100 * e['nsd']:.2f}", units=True)
         lines += [""]
-    lines += ["## Overall", "", "| method | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {e['method']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" for e in overall]
-    lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |",
-              "|---|---|---|---|" + "---|" * len(metrics)]
-    lines += [f"| {e['method']} | {e['dataset']} | {e['target']} | {e['n']} | " + " | ".join(f"{e[m]:.3f}" for m in metrics) + " |"
-              for e in summary["table"] if e["dataset"] != "all"]
+    unit_head, unit_rule = (" nsd unit |", "---|") if "nsd" in metrics else ("", "")
+
+    def cells(e: dict) -> str:
+        return " | ".join(f"{e[m]:.3f}" for m in metrics) + " |" + (f" {e.get('nsd_unit', '')} |" if unit_head else "")
+
+    lines += ["## Overall", "", "| method | n | " + " | ".join(metrics) + " |" + unit_head, "|---|---|" + "---|" * len(metrics) + unit_rule]
+    lines += [f"| {e['method']} | {e['n']} | " + cells(e) for e in overall]
+    lines += ["", "## Per dataset and class", "", "| method | dataset | target | n | " + " | ".join(metrics) + " |" + unit_head,
+              "|---|---|---|---|" + "---|" * len(metrics) + unit_rule]
+    lines += [f"| {e['method']} | {e['dataset']} | {e['target']} | {e['n']} | " + cells(e) for e in summary["table"] if e["dataset"] != "all"]
     lines += ["", f"Wall time {summary.get('seconds', 0.0):.1f} s. Plot: metrics.png. Per record: per_record.csv.", ""]
     atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines)))
     atomic_write(folder / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=str)))

@@ -150,12 +150,19 @@ def run_grpo(data: VRSDataArguments, policy: PolicyArguments, rewards: RewardArg
 
 
 def _train_and_save(trainer, processor, stage: str, data, policy, config, model_path, num_records: int, **extra) -> str:
-    """Train (resuming when asked), save adapter + processor, then the manifest evaluation reads."""
+    """Train (resuming when asked), save adapter + processor, then the manifest evaluation reads.
+
+    `save_model` runs on every rank (FSDP / DeepSpeed gather the weights collectively and it writes on the
+    main process only); the processor and the manifest are written by the process that saves
+    (`args.should_save`, the flag transformers' own writes use), and every rank waits until they exist.
+    """
     trainer.train(resume_from_checkpoint=resolve_resume(data.resume, config.output_dir))
     trainer.save_model(config.output_dir)
-    processor.save_pretrained(config.output_dir)
-    write_manifest(
-        config.output_dir, stage=stage, base_model=model_path, start_adapter=policy.adapter_path, lora=policy.use_lora,
-        records=num_records, data_dir=data.data_dir, global_step=trainer.state.global_step, **extra,
-    )
+    if trainer.args.should_save:
+        processor.save_pretrained(config.output_dir)
+        write_manifest(
+            config.output_dir, stage=stage, base_model=model_path, start_adapter=policy.adapter_path, lora=policy.use_lora,
+            records=num_records, data_dir=data.data_dir, global_step=trainer.state.global_step, **extra,
+        )
+    trainer.accelerator.wait_for_everyone()
     return config.output_dir

@@ -27,15 +27,17 @@ SAMPLE_CT_CASE = "sample_ct"
 
 @dataclass(frozen=True)
 class CaseSource:
-    """How to load one case: the embedded sample CT, an M3D-Seg case folder, or image + label map files."""
+    """How to load one case: the embedded sample CT, an M3D-Seg case folder, image + label map files, or a raw
+    CT-ORG NIfTI pair prepared as the release does (`release_data`)."""
 
     case_id: str
-    kind: str  # "sample_ct" | "m3d" | "files"
+    kind: str  # "sample_ct" | "m3d" | "files" | "ctorg_nifti"
     image: Optional[str] = None  # m3d: case folder; files: scan path
     labels: Optional[str] = None  # m3d: mask npz; files: label map path
     label_names: dict[str, str] = field(default_factory=dict)  # files: value -> name
     orientation: Optional[str] = None  # m3d only
     dataset: str = ""  # "sample", "0003", ... (evaluation groups by it)
+    resize: int = 0  # ctorg_nifti: slices resized to resize x resize (the release: 512); 0 keeps them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,10 +56,34 @@ class LoadedCase:
     label_map: np.ndarray
     label_names: dict[int, str]
     notes: dict = field(default_factory=dict)  # how the reader interpreted the files (M3D-Seg: axial axis and why)
+    spacing_known: bool = True  # False for M3D-Seg arrays (no voxel size stored): distances are then in voxels
+    _instances: dict = field(default_factory=dict, repr=False)  # instance value -> mask, computed once
+
+    @property
+    def distance_unit(self) -> str:
+        return "mm" if self.spacing_known else "voxels"
 
     def target_mask(self, labels: Sequence[int]) -> np.ndarray:
-        """Union of label values (a target like 'kidneys' is kidney_right + kidney_left)."""
-        return np.isin(self.label_map, np.asarray([int(v) for v in labels], dtype=self.label_map.dtype))
+        """Union of label values (a target like 'kidneys' is kidney_right + kidney_left); an instance value
+        (`kits_lesions.instance_value`: one KiTS23 tumour or cyst) stands for that connected lesion alone."""
+        from ..kits_lesions import decode_instance, instance_mask
+
+        plain = [int(v) for v in labels if decode_instance(v) is None]
+        mask = np.isin(self.label_map, np.asarray(plain, dtype=self.label_map.dtype))
+        for value in (int(v) for v in labels if decode_instance(v) is not None):
+            if value not in self._instances:
+                self._instances[value] = instance_mask(self.label_map, value)
+            mask |= self._instances[value]
+        return mask
+
+    def label_name(self, value: int) -> str:
+        """'kidney_tumor' for a channel value, 'kidney_tumor#2' for instance 2 of it."""
+        from ..kits_lesions import decode_instance
+
+        decoded = decode_instance(value)
+        if decoded is None:
+            return self.label_names.get(int(value), str(value))
+        return f"{self.label_names.get(decoded[0], str(decoded[0]))}#{decoded[1]}"
 
 
 def load_case(source: CaseSource) -> LoadedCase:
@@ -78,7 +104,13 @@ def load_case(source: CaseSource) -> LoadedCase:
         label_map = np.zeros(case.volume.shape, dtype=np.int32)
         for c in range(case.masks.shape[0]):
             label_map[case.masks[c]] = c + 1
-        return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)}, case.axes.as_dict())
+        return LoadedCase(source, case.volume, label_map, {c + 1: n for c, n in enumerate(case.label_names)}, case.axes.as_dict(),
+                          spacing_known=False)
+    if source.kind == "ctorg_nifti":
+        from ..release_data import CTORG_LABELS, load_ctorg_case
+
+        volume, labels = load_ctorg_case(source.image, source.labels, size=source.resize or 0, name=source.case_id.replace("/", "_"))
+        return LoadedCase(source, volume, labels, {c + 1: n for c, n in enumerate(CTORG_LABELS)})
     if source.kind == "files":
         from ..readers import load_label_map, load_volume
 
