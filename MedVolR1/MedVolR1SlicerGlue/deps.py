@@ -30,7 +30,7 @@ class Requirement:
     pip_args: str  # what pip receives after "install"
     why: str
     environment: dict = field(default_factory=dict)  # extra environment variables for the install
-    min_python: tuple = (3, 9)  # the highest Requires-Python of the distributions in pip_args (tested)
+    min_python: tuple = ()  # the highest Requires-Python floor of the distributions in pip_args (tested); () none
 
     @property
     def distributions(self) -> tuple[str, ...]:
