@@ -99,7 +99,7 @@ class MedVolR1(ScriptedLoadableModule):
         self.parent.title = _("MedVol-R1")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedVol-R1 developers (MedVol-R1 project, https://github.com/medvol-r1)"]
+        self.parent.contributors = ["MedVol-R1 developers (MedVol-R1 project)"]
         self.parent.helpText = _(
             "Draw a box around a structure on one axial slice (or let a trained evidence model find the slice and "
             "boxes from a question) and get its 3D segment. Move a box, add boxes on other slices, or limit how far "
@@ -139,6 +139,7 @@ def registerSampleData() -> None:
     )
 
 
+@_slot
 def _loadSampleCT(source=None):
     from MedVolR1Lib.sample_data import fetch_sample
 
