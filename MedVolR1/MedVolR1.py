@@ -235,6 +235,10 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._unsupported = deps.python_support()
         if self._unsupported:
             self.ui.statusLabel.text = self._unsupported
+        elif (deps.run_mode(user.server_url, user.python_executable) == "slicer" and not deps.torch_available_for()
+              and not deps.is_installed(deps.TORCH)):  # Slicer's x86_64 Python on a Mac: said before any download
+            self.ui.statusLabel.text = _("PyTorch cannot be installed into this Slicer's Python on this Mac: choose a "
+                                         "Worker Python or a Server under Advanced (Segment shows how).")
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -380,14 +384,15 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @_slot
     def _updateButtons(self, caller=None, event=None) -> None:
-        busy = (self.logic is not None and self.logic.session.busy) or bool(getattr(self, "_unsupported", None))
+        busy = self.logic is not None and self.logic.session.busy
+        unsupported = bool(getattr(self, "_unsupported", None))  # this Slicer is too old: nothing can run
         node = self._parameterNode.inputVolume if self._parameterNode else None
         hasVolume = node is not None
         hasQuery = bool(self._parameterNode and self._parameterNode.query.strip())
         hasModel = bool(self._parameterNode) and has_evidence_model(self.logic.settingsFrom(self._parameterNode))
         hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, node))
-        self.ui.findEvidenceButton.enabled = not busy and hasVolume and hasQuery and hasModel
-        self.ui.segmentButton.enabled = not busy and hasVolume and (hasEvidence or (hasQuery and hasModel))
+        self.ui.findEvidenceButton.enabled = not busy and not unsupported and hasVolume and hasQuery and hasModel
+        self.ui.segmentButton.enabled = not busy and not unsupported and hasVolume and (hasEvidence or (hasQuery and hasModel))
         self.ui.cancelButton.enabled = busy
         noModelHint = _("Finding evidence needs a trained evidence model: open Advanced and set 'Evidence model' to its "
                         "Hugging Face name or folder. Without one, draw an evidence box on the key slice and press Segment.")
