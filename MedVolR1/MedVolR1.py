@@ -66,7 +66,6 @@ from MedVolR1SlicerGlue.slots import reporting  # noqa: E402
 
 EDIT_DEBOUNCE_MS = 400
 POLL_INTERVAL_MS = 100
-HOMEPAGE = "https://github.com/medvol-r1/SlicerMedVolR1"
 
 
 def _showError(message, details=None) -> None:

@@ -405,6 +405,23 @@ def test_every_exception_a_slot_raises_reaches_the_user_as_one_message():
     assert all("\n" not in m for m, _ in shown) and "Traceback" in shown[0][1]
     assert on_segment.__name__ == "on_segment" and on_segment.reports_errors
 
+    # PythonQt passes every argument of clicked(bool) to a *args wrapper: the slot still gets only what it takes.
+    class Panel:
+        calls = []
+
+        @report
+        def onSegment(self):
+            self.calls.append("segment")
+
+        @report
+        def onLimitExtent(self, side, *rest):
+            self.calls.append((side, rest))
+
+    shown.clear()
+    Panel().onSegment(True)
+    Panel().onLimitExtent("top", 1)
+    assert Panel.calls == ["segment", ("top", (1,))] and shown == []
+
 
 def test_every_slot_of_the_panel_reports_its_errors():
     """Each method MedVolR1.py connects to a Qt signal, a timer or a VTK observer carries the @_slot decorator."""

@@ -7,6 +7,7 @@ package in server mode once looked like a dead button).  MedVolR1.py wraps each 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import traceback
 from typing import Callable, Optional
@@ -29,10 +30,15 @@ def reporting(show: Callable[[str, Optional[str]], None]) -> Callable:
     """Decorator factory: the slot's exception goes to `show(message, details)` (and the log), never further."""
 
     def decorate(function):
+        # PythonQt passes a signal's arguments only up to what a plain function takes (clicked(bool) calls
+        # onSegment(self) with no bool), but all of them to a *args wrapper: trim them the same way here.
+        code = function.__code__
+        takes = None if code.co_flags & inspect.CO_VARARGS else code.co_argcount
+
         @functools.wraps(function)
         def slot(*args, **kwargs):
             try:
-                return function(*args, **kwargs)
+                return function(*(args if takes is None else args[:takes]), **kwargs)
             except Exception as exc:  # noqa: BLE001 - the point: nothing escapes a slot unseen
                 logging.error("MedVol-R1: %s failed", function.__name__, exc_info=exc)
                 details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
