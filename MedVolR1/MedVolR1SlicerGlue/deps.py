@@ -44,7 +44,7 @@ class Requirement:
 # sam2 1.1's own Requires-Dist, so pip never replaces that build with a PyPI one while installing sam2.
 TORCH_VERSION_REQUIREMENT = ">=2.5.1"
 TORCHVISION_VERSION_REQUIREMENT = ">=0.20.1"
-TORCH = Requirement("torch", "torch>=2.5.1 torchvision>=0.20.1", "deep learning runtime (installed by the PyTorch extension)",
+TORCH = Requirement("torch", f"torch{TORCH_VERSION_REQUIREMENT} torchvision{TORCHVISION_VERSION_REQUIREMENT}", "deep learning runtime (installed by the PyTorch extension)",
                     min_python=(3, 10))
 # transformers: >=4.56 because grounder.py loads models with `dtype=` (older releases only know torch_dtype=).
 REQUIREMENTS = (
