@@ -455,7 +455,9 @@ def test_where_the_models_run_is_the_users_setting_and_uploads_are_asked_once_pe
     settings = panel_settings.panel_settings(scene, loaded)
     assert settings.model == "Qwen/Qwen2.5-VL-3B-Instruct" and settings.device == "cpu"
     assert settings.server_url == "http://GPU.example:8765/" and settings.python_executable == "/opt/w/bin/python"
-    assert settings.server_token_file == "~/token.txt"
+    assert settings.server_token_file == "~/token.txt"  # read_token expands it
+    tilde = panel_settings.panel_settings({}, panel_settings.UserSettings(python_executable="~/medvolr1-worker/bin/python"))
+    assert tilde.python_executable == str(Path.home() / "medvolr1-worker" / "bin" / "python")  # as the message tells the user
     # Uploads: asked once per server (scheme, host, port), remembered; a "no" is not remembered.
     asked = []
     answer = {"value": False}

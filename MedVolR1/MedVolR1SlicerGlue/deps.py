@@ -130,7 +130,7 @@ def worker_python_command(folder: str = WORKER_VENV) -> str:
     """One line that creates a separate Python for the worker with what the default models need
     (LiteMedSAM and the evidence model; MedSAM2's sam2 can be added to it later).
 
-    Run in a Terminal with a Python 3.11+ that matches the Mac (arm64 on Apple silicon: python.org or
+    Run in a Terminal with a Python >= MIN_PYTHON that matches the Mac (arm64 on Apple silicon: python.org or
     Homebrew), then choose `<folder>/bin/python` under Advanced > Worker Python."""
     args = [*LIBRARY_REQUIREMENTS, *(arg for r in (TORCH, *REQUIREMENTS) for arg in r.pip_args.split())]
     packages = " ".join(f'"{arg}"' for arg in args)
@@ -142,7 +142,7 @@ def no_torch_message(system: str = sys.platform, machine: str = platform.machine
     return (
         f"PyTorch {TORCH_VERSION_REQUIREMENT} cannot be installed into this Slicer's Python ({system} {machine}: PyTorch "
         "publishes no wheels for it after 2.2.2). Nothing was installed. Two ways work:\n\n"
-        "1. A separate Python for the models on this computer. In a Terminal, with Python 3.11 or later "
+        f"1. A separate Python for the models on this computer. In a Terminal, with Python {_dotted(MIN_PYTHON)} or later "
         "(python.org or Homebrew), run:\n\n"
         f"    {worker_python_command()}\n\n"
         f"then choose {WORKER_VENV}/bin/python under Advanced > Worker Python.\n\n"
@@ -197,7 +197,7 @@ def dependency_plan(
     python_version: Sequence[int] = tuple(sys.version_info[:2]),
     system: str = sys.platform,
     machine: str = platform.machine(),
-    installed: Callable[[Requirement], bool] = None,  # type: ignore[assignment]
+    installed: Optional[Callable[[Requirement], bool]] = None,
 ) -> DependencyPlan:
     """The packages this run needs in Slicer's Python and are missing.  'server' and 'worker' need none: the
     models run elsewhere, and the client side uses only what Slicer ships.  Refuses (installing nothing) when
@@ -216,12 +216,7 @@ def dependency_plan(
     missing = tuple(r for r in wanted if not installed(r))
     if TORCH in missing and not torch_available_for(system, machine):
         return DependencyPlan(mode, refusal=no_torch_message(system, machine))
-    for requirement in missing:
-        if tuple(python_version[:2]) < requirement.min_python:  # kept for a requirement added with a higher floor
-            return DependencyPlan(mode, refusal=(
-                f"{requirement.import_name} ({requirement.why}) needs Python >= {_dotted(requirement.min_python)}, but this "
-                f"Slicer embeds Python {_dotted(python_version[:2])}. Nothing was installed."))
-    return DependencyPlan(mode, missing)
+    return DependencyPlan(mode, missing)  # every floor is <= MIN_PYTHON, checked above
 
 
 def missing_requirements(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -179,8 +180,9 @@ def scene_values(parameter_node) -> dict:
 def panel_settings(scene: Mapping[str, str], user: UserSettings) -> PanelSettings:
     """The run's settings: model choices from the scene, where to run (worker, server, token) from the user."""
     known = {name: str(scene[name]) for name in SCENE_PARAMETERS if name in scene}
+    python = user.python_executable.strip()
     return PanelSettings(**known, server_url=user.server_url.strip(), server_token_file=user.server_token_file.strip(),
-                         python_executable=user.python_executable.strip())
+                         python_executable=os.path.expanduser(python) if python else "")  # "~/medvolr1-worker/bin/python"
 
 
 def server_identity(url: str) -> str:
