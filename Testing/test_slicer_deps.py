@@ -1,4 +1,7 @@
-"""Which packages the Slicer module asks to install, and the Python-version guard (Slicer 5.6/5.8 embed Python 3.9)."""
+"""What the Slicer module installs, where, and on which Slicer: the per-mode dependency plan with Python floors
+read from the packages' own metadata (Slicer 5.6/5.8 embed Python 3.9, 5.10 embeds 3.12), macOS without torch,
+pip output, the restart rule, the evidence-model download, device lists, slot errors, user settings and upload
+consent, and the standard-library HTTP reader."""
 
 from __future__ import annotations
 
