@@ -23,6 +23,7 @@ import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -52,19 +53,38 @@ from MedVolR1SlicerGlue import evidence_edits  # noqa: E402
 from MedVolR1SlicerGlue import model_source  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
 from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
+from MedVolR1SlicerGlue import settings as panel_settings  # noqa: E402
 from MedVolR1SlicerGlue.session import EvidenceSession, Outcome, default_pipeline_factory  # noqa: E402
 from MedVolR1SlicerGlue.settings import (  # noqa: E402
     DEVICE_CHOICES,
-    NO_EVIDENCE_MODEL_HINT,
-    NOT_CHECKED,
     PROPAGATOR_CHOICES,
     PanelSettings,
-    detect_devices,
+    UserSettings,
     has_evidence_model,
 )
+from MedVolR1SlicerGlue.slots import reporting  # noqa: E402
 
 EDIT_DEBOUNCE_MS = 400
 POLL_INTERVAL_MS = 100
+
+
+def _showError(message, details=None) -> None:
+    slicer.util.errorDisplay(message, windowTitle=_("MedVol-R1"), detailedText=details)
+
+
+# Every Qt slot of the panel: any exception it raises is shown to the user as one message.
+_slot = reporting(_showError)
+
+
+class _ApplicationSettings:
+    """MedVolR1SlicerGlue.settings.SettingsStore over Slicer's application settings (qt.QSettings)."""
+
+    def value(self, key: str) -> str:
+        value = qt.QSettings().value(key)
+        return "" if value is None else str(value)
+
+    def set_value(self, key: str, value: str) -> None:
+        qt.QSettings().setValue(key, value)
 
 
 #
@@ -76,18 +96,55 @@ class MedVolR1(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MedVol-R1")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
-        self.parent.contributors = ["MedVol-R1 contributors"]
+        self.parent.contributors = ["MedVol-R1 developers (MedVol-R1 project)"]
         self.parent.helpText = _(
             "Draw a box around a structure on one axial slice (or let a trained evidence model find the slice and "
             "boxes from a question) and get its 3D segment. Move a box, add boxes on other slices, or limit how far "
-            "up or down the segment may reach, and the segment follows; Undo steps back. Research use only."
+            "up or down the segment may reach, and the segment follows; Undo steps back. Research use only. "
+            "MedVol-R1 needs 3D Slicer 5.10 or later. "
+            'See the <a href="https://github.com/medvol-r1/SlicerMedVolR1/blob/main/docs/slicer_module.md">module documentation</a>.'
         )
         self.parent.acknowledgementText = _(
             "Uses Qwen2.5-VL (Alibaba), SAM2 (Meta), MedSAM2 and LiteMedSAM (Bo Wang lab), and the TotalSegmentator "
             "example CT (Wasserthal et al.) for the sample data."
         )
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data
+#
+
+
+def registerSampleData() -> None:
+    """The example CT in the Sample Data module (category MedVol-R1), as Slicer's module template registers data.
+
+    The CT sits inside TotalSegmentator's sdist on PyPI (sha256-checked by MedVolR1Lib.sample_data), so a
+    custom downloader fetches and loads it instead of a plain URL."""
+    import SampleData
+
+    iconsPath = os.path.join(os.path.dirname(__file__), "Resources/Icons")
+    logic = SampleData.SampleDataLogic
+    if hasattr(logic, "registerCustomSampleDataCategory"):
+        logic.registerCustomSampleDataCategory("MedVol-R1", title=_("MedVol-R1"))
+    logic.registerCustomSampleDataSource(
+        category="MedVol-R1",
+        sampleName="MedVolR1AbdomenCT",
+        thumbnailFileName=os.path.join(iconsPath, "MedVolR1AbdomenCT.png"),
+        nodeNames="MedVolR1AbdomenCT",
+        customDownloader=_loadSampleCT,
+    )
+
+
+@_slot
+def _loadSampleCT(source=None):
+    from MedVolR1Lib.sample_data import fetch_sample
+
+    with slicer.util.WaitCursor():
+        sample = fetch_sample()
+    return slicer.util.loadVolume(str(sample.ct_path), {"name": "MedVolR1AbdomenCT"})
 
 
 #
@@ -106,9 +163,8 @@ class MedVolR1ParameterNode:
     propagator: str = "auto"
     samCheckpoint: str = ""
     device: str = "auto"
-    serverUrl: str = ""
-    serverTokenFile: str = ""
-    pythonExecutable: str = ""
+    # Worker Python, server address and token file are application settings, never here: a scene must not
+    # name a program to run or a server to send a scan to (MedVolR1SlicerGlue.settings.USER_SETTING_KEYS).
     outputSegmentation: vtkMRMLSegmentationNode
 
 
@@ -163,11 +219,25 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.connect("timeout()", self.onPoll)
 
         self.ui.propagatorComboBox.addItems(list(PROPAGATOR_CHOICES))
-        # No torch import and no CUDA here: opening the panel must stay instant.  "Check" detects devices.
-        self.ui.deviceComboBox.addItems(list(NOT_CHECKED.choices))
-        self.ui.deviceLabel.text = NOT_CHECKED.summary
+        # Where the models run is this computer's setting (QSettings), never the scene's.
+        self._userStore = self.logic.userStore
+        user = panel_settings.load_user_settings(self._userStore)
+        self.ui.serverLineEdit.text = user.server_url
+        self.ui.serverTokenLineEdit.text = user.server_token_file
+        self.ui.pythonLineEdit.text = user.python_executable
+        # No torch import and no CUDA in Slicer's process: the list is what this OS can have; "Check" asks the worker.
+        self.ui.deviceComboBox.addItems(list(self._deviceChoices()))
+        self.ui.deviceLabel.text = _("checked when a run starts")
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setEnabled(False)
+        # Supported versions: said when the panel opens, before anything can be downloaded.
+        self._unsupported = deps.python_support()
+        if self._unsupported:
+            self.ui.statusLabel.text = self._unsupported
+        elif (deps.run_mode(user.server_url, user.python_executable) == "slicer" and not deps.torch_available_for()
+              and not deps.is_installed(deps.TORCH)):  # Slicer's x86_64 Python on a Mac: said before any download
+            self.ui.statusLabel.text = _("PyTorch cannot be installed into this Slicer's Python on this Mac: choose a "
+                                         "Worker Python or a Server under Advanced (Segment shows how).")
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -184,13 +254,15 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.evidenceListWidget.connect("itemClicked(QListWidgetItem*)", self.onEvidenceItemClicked)
         self.ui.evidenceListWidget.connect("itemSelectionChanged()", self._updateButtons)
         self.ui.detectDevicesButton.connect("clicked(bool)", self.onDetectDevices)
+        for lineEdit in (self.ui.serverLineEdit, self.ui.serverTokenLineEdit, self.ui.pythonLineEdit):
+            lineEdit.connect("editingFinished()", self.onUserSettingsChanged)
         self.ui.propagatorComboBox.connect("currentIndexChanged(int)", self.onPropagatorChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.modelLineEdit, folder=True))
         self.ui.adapterBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.adapterLineEdit, folder=True))
         self.ui.samCheckpointBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.samCheckpointLineEdit, folder=False))
-        self.ui.serverTokenBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.serverTokenLineEdit, folder=False, title=_("Choose the token file")))
-        self.ui.pythonBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.pythonLineEdit, folder=False, title=_("Choose a Python interpreter")))
+        self.ui.serverTokenBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.serverTokenLineEdit, folder=False, title=_("Choose the token file"), userSetting=True))
+        self.ui.pythonBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.pythonLineEdit, folder=False, title=_("Choose a Python interpreter"), userSetting=True))
 
         self.initializeParameterNode()
 
@@ -212,11 +284,13 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
+    @_slot
     def onSceneStartClose(self, caller, event) -> None:
         self.logic.session.cancel()
         self._watcher.clear()
         self.setParameterNode(None)
 
+    @_slot
     def onSceneEndClose(self, caller, event) -> None:
         self.logic.resetSession()
         if self.parent.isEntered:
@@ -257,45 +331,77 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onPropagatorChanged()
         self.onDeviceChanged()
 
+    @_slot
     def onPropagatorChanged(self, _index=None) -> None:
         if self._parameterNode and not self._syncingCombos and self._parameterNode.propagator != self.ui.propagatorComboBox.currentText:
             self._parameterNode.propagator = self.ui.propagatorComboBox.currentText
 
+    @_slot
     def onDeviceChanged(self, _index=None) -> None:
         if self._parameterNode and not self._syncingCombos and self._parameterNode.device != self.ui.deviceComboBox.currentText:
             self._parameterNode.device = self.ui.deviceComboBox.currentText
 
-    def onDetectDevices(self) -> None:
-        """On request only: imports torch and asks CUDA (never when the panel opens)."""
-        with slicer.util.WaitCursor():
-            devices = detect_devices()
+    def _userSettings(self) -> UserSettings:
+        return panel_settings.load_user_settings(self._userStore)
+
+    def _deviceChoices(self) -> tuple:
+        user = panel_settings.load_user_settings(self._userStore)
+        return panel_settings.device_choices(deps.run_mode(user.server_url, user.python_executable))
+
+    def _setDeviceItems(self, choices) -> None:
         self._syncingCombos = True
         try:
             self.ui.deviceComboBox.clear()
-            self.ui.deviceComboBox.addItems([d for d in DEVICE_CHOICES if d in devices.choices])
+            self.ui.deviceComboBox.addItems([d for d in DEVICE_CHOICES if d in choices])
         finally:
             self._syncingCombos = False
-        self.ui.deviceLabel.text = devices.summary
         if self._parameterNode:
             self._syncCombos()
 
+    @_slot
+    def onUserSettingsChanged(self) -> None:
+        """Server, token file or worker Python edited: saved in the application settings (not the scene)."""
+        panel_settings.save_user_settings(self._userStore, UserSettings(
+            python_executable=self.ui.pythonLineEdit.text, server_url=self.ui.serverLineEdit.text,
+            server_token_file=self.ui.serverTokenLineEdit.text))
+        self._setDeviceItems(self._deviceChoices())
+        self._updateButtons()
+
+    @_slot
+    def onDetectDevices(self) -> None:
+        """On request only, and never in Slicer's process: the worker's Python imports torch and asks CUDA."""
+        user = self._userSettings()
+        if deps.run_mode(user.server_url, user.python_executable) == "server":
+            self.ui.deviceLabel.text = _("the server checks its own devices")
+            return
+        from MedVolR1Lib.service.client import default_python
+
+        with slicer.util.WaitCursor():
+            devices = panel_settings.detect_devices(default_python(user.python_executable))
+        self._setDeviceItems([d for d in devices.choices if d in self._deviceChoices()])
+        self.ui.deviceLabel.text = devices.summary
+
+    @_slot
     def _updateButtons(self, caller=None, event=None) -> None:
         busy = self.logic is not None and self.logic.session.busy
+        unsupported = bool(getattr(self, "_unsupported", None))  # this Slicer is too old: nothing can run
         node = self._parameterNode.inputVolume if self._parameterNode else None
         hasVolume = node is not None
         hasQuery = bool(self._parameterNode and self._parameterNode.query.strip())
         hasModel = bool(self._parameterNode) and has_evidence_model(self.logic.settingsFrom(self._parameterNode))
         hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, node))
-        self.ui.findEvidenceButton.enabled = not busy and hasVolume and hasQuery and hasModel
-        self.ui.segmentButton.enabled = not busy and hasVolume and (hasEvidence or (hasQuery and hasModel))
+        self.ui.findEvidenceButton.enabled = not busy and not unsupported and hasVolume and hasQuery and hasModel
+        self.ui.segmentButton.enabled = not busy and not unsupported and hasVolume and (hasEvidence or (hasQuery and hasModel))
         self.ui.cancelButton.enabled = busy
+        noModelHint = _("Finding evidence needs a trained evidence model: open Advanced and set 'Evidence model' to its "
+                        "Hugging Face name or folder. Without one, draw an evidence box on the key slice and press Segment.")
         if not hasModel:
-            self.ui.findEvidenceButton.toolTip = _(NO_EVIDENCE_MODEL_HINT)
+            self.ui.findEvidenceButton.toolTip = noModelHint
         elif not hasQuery:
             self.ui.findEvidenceButton.toolTip = _("Type a question first")
         else:
             self.ui.findEvidenceButton.toolTip = _("Ask the evidence model for the key slice and boxes")
-        self.ui.evidenceModelHintLabel.text = "" if hasModel else _(NO_EVIDENCE_MODEL_HINT)
+        self.ui.evidenceModelHintLabel.text = "" if hasModel else noModelHint
         self.ui.evidenceModelHintLabel.visible = not hasModel
         self.ui.addBoxButton.text = _("Add box on this slice") if hasEvidence else _("Draw evidence box")
         self.ui.addBoxButton.enabled = hasVolume
@@ -313,15 +419,13 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode.inputVolume if self._parameterNode else None
         if node is None:
             return
-        rois = mm.evidence_rois(slicer.mrmlScene, node)
-        if rois:
-            try:
-                volume = mm.volume_from_node(node)
-            except MedVolR1Error:
-                return
-            for roi in rois:
-                _box, k = mm.box_from_roi(volume, roi)
-                item = qt.QListWidgetItem(f"{roi.GetName()}: {mm.slice_label(node, volume, k)}")
+        try:
+            listed = evidence_edits.evidence_list(slicer.mrmlScene, node)  # the node's cached grid: no voxel copy
+        except MedVolR1Error:
+            return
+        if listed:
+            for roi, label in listed:
+                item = qt.QListWidgetItem(f"{roi.GetName()}: {label}")
                 item.setData(qt.Qt.UserRole, roi.GetID())
                 self.ui.evidenceListWidget.addItem(item)
                 if roi is selected:
@@ -332,6 +436,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         item = self.ui.evidenceListWidget.currentItem()
         return slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole)) if item is not None else None
 
+    @_slot
     def onEvidenceItemClicked(self, item) -> None:
         roi = slicer.mrmlScene.GetNodeByID(item.data(qt.Qt.UserRole))
         if roi is not None:
@@ -339,7 +444,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.jumpAllSlices(center)
         self._updateButtons()
 
-    def _browse(self, lineEdit, folder: bool, title: str = "") -> None:
+    @_slot
+    def _browse(self, lineEdit, folder: bool, title: str = "", userSetting: bool = False) -> None:
         start = lineEdit.text or os.path.expanduser("~")
         if folder:
             path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Choose a folder"), start)
@@ -347,6 +453,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), title or _("Choose the MedSAM2 checkpoint"), start)
         if path:
             lineEdit.text = path  # emits textChanged, which QLineEditToStrConnector observes
+            if userSetting:
+                self.onUserSettingsChanged()
 
     def _setBusy(self, busy: bool, message: str = "") -> None:
         self.ui.progressBar.setVisible(busy)
@@ -363,16 +471,19 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _start(self, action: str) -> None:
         settings = self.logic.settingsFrom(self._parameterNode)
         volumeNode, query = self._parameterNode.inputVolume, self._parameterNode.query
+        local = not settings.server_url
         needsModel = action == "evidence" or not mm.evidence_rois(slicer.mrmlScene, volumeNode)
         try:
             installed = self.logic.ensureDependencies(settings)
-        except (RuntimeError, deps.UnsupportedPython) as exc:  # pip failure, old torch, Python too old
+        except (RuntimeError, deps.UnsupportedPython) as exc:  # refused plan, pip failure, old torch
             slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1: install dependencies"))
             return
         if not installed:
             self.ui.statusLabel.text = _("Missing Python packages were not installed; nothing was run")
             return
-        if needsModel and not self._modelIsHere(settings):
+        if not self._uploadAllowed(settings):
+            return
+        if needsModel and local and not self._modelIsHere(settings):  # a server fetches its own models
             return
         self._useSelectedSegmentation()
         try:
@@ -384,6 +495,16 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(str(exc), windowTitle=_("MedVol-R1"))
             return
         self._setBusy(True, _("Finding evidence...") if action == "evidence" else _("Segmenting..."))
+
+    def _uploadAllowed(self, settings: PanelSettings) -> bool:
+        """Server mode: the first scan sent to a server is confirmed by the user, and the answer remembered for it."""
+        if not settings.server_url:
+            return True
+        if panel_settings.confirm_upload(self._userStore, settings.server_url, lambda question: slicer.util.confirmOkCancelDisplay(
+                question, windowTitle=_("MedVol-R1: send the scan to a server?"))):
+            return True
+        self.ui.statusLabel.text = _("Nothing was sent to the server; nothing was run")
+        return False
 
     def _useSelectedSegmentation(self) -> None:
         """Every run writes into the segmentation chosen in the selector (None: a new one is created)."""
@@ -415,16 +536,20 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         return True
 
+    @_slot
     def onFindEvidence(self) -> None:
         self._start("evidence")
 
+    @_slot
     def onSegment(self) -> None:
         self._start("segmentation")
 
+    @_slot
     def onCancel(self) -> None:
         self.logic.session.cancel()
         self.ui.statusLabel.text = _("Cancelling...")
 
+    @_slot
     def onAddBox(self) -> None:
         """"Draw evidence box" / "Add box on this slice": a box on the Red view's slice, to drag onto the target.
         Nothing runs until the user moves it (the drag ends -> the segment follows)."""
@@ -438,6 +563,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Drag the box's handles around the target on this slice; then press Segment (or, "
                                      "once there is a segment, it follows when you let go)")
 
+    @_slot
     def onRemoveBox(self) -> None:
         roi = self._selectedRoi()
         try:
@@ -451,6 +577,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("No evidence boxes left; the segment was left as it is")
 
+    @_slot
     def onLimitExtent(self, side: str) -> None:
         node = self._parameterNode.inputVolume
         try:
@@ -461,11 +588,13 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         self._evidenceChanged(None, _("Extent limited: updating the segment..."))
 
+    @_slot
     def onClearLimits(self) -> None:
         evidence_edits.set_extent_limit(self._parameterNode.inputVolume, None)
         self._updateButtons()
         self._evidenceChanged(None, _("Extent limits cleared: updating the segment..."))
 
+    @_slot
     def onUndo(self) -> None:
         self._useSelectedSegmentation()
         try:
@@ -492,6 +621,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is not None or self.logic.session.busy:
             self._setBusy(True, message)
 
+    @_slot
     def onEvidenceEdited(self, roi) -> None:
         """End of a user drag (debounced): re-propagate from the moved evidence."""
         self._refreshEvidenceList()
@@ -504,6 +634,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is not None or self.logic.session.busy:
             self._setBusy(True, _("Updating the segment from the moved box..."))
 
+    @_slot
     def onPoll(self) -> None:
         state = self.logic.session.progress()
         if state is not None and not state.done:
@@ -552,43 +683,49 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
     def __init__(self, pipelineFactory=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._pipelineFactory = pipelineFactory or default_pipeline_factory
-        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory)
+        self.userStore = _ApplicationSettings()
+        self.session = self._newSession()
+
+    def _newSession(self, runner=None) -> EvidenceSession:
+        """Scans go to a server only once the user agreed for that server (remembered in the application settings)."""
+        return EvidenceSession(slicer.mrmlScene, self._pipelineFactory, runner=runner,
+                               upload_allowed=lambda url: panel_settings.upload_approved(self.userStore, url))
 
     def getParameterNode(self):
         return MedVolR1ParameterNode(super().getParameterNode())
 
     def resetSession(self) -> None:
         self.session.cancel()  # the warm model worker is kept: its caches are keyed by volume, not by scene
-        self.session = EvidenceSession(slicer.mrmlScene, self._pipelineFactory, runner=self.session.runner)
+        self.session = self._newSession(runner=self.session.runner)
 
     def shutdown(self) -> None:
         """Stop the model worker process (module cleanup); the next run starts a fresh one."""
         self.session.cancel()
         self.session.runner.shutdown()
 
-    @staticmethod
-    def settingsFrom(parameterNode) -> PanelSettings:
-        return PanelSettings(
-            model=parameterNode.model,
-            adapter=parameterNode.adapter,
-            propagator=parameterNode.propagator,
-            sam_checkpoint=parameterNode.samCheckpoint,
-            device=parameterNode.device,
-            server_url=parameterNode.serverUrl.strip(),
-            server_token_file=parameterNode.serverTokenFile.strip(),
-            python_executable=parameterNode.pythonExecutable.strip(),
-        )
+    def settingsFrom(self, parameterNode) -> PanelSettings:
+        """Model choices from the scene's parameter node; worker Python, server and token file from this user's
+        application settings (whatever a loaded scene's XML says about those is ignored)."""
+        return panel_settings.panel_settings(panel_settings.scene_values(parameterNode.parameterNode),
+                                             panel_settings.load_user_settings(self.userStore))
 
     # ------------------------------------------------------------------------------------------ dependencies
     def ensureDependencies(self, settings: PanelSettings, confirm: bool = True) -> bool:
-        """Install what is missing after the user agrees; never downloads during tests.
+        """Install what this run's mode needs in Slicer's Python, after the user agrees; never downloads in tests.
 
-        Before anything is installed the installed torch is checked against what sam2/transformers need (a
-        wrong torch cannot be fixed by pip while Slicer has it loaded).  pip failures come back as one readable
-        RuntimeError.  When pip replaced a package this Slicer had already imported, the user is told to restart.
+        The plan (deps.dependency_plan) is decided first: a Slicer too old for the packages, or a Mac whose
+        Slicer Python cannot get PyTorch, is refused with what to do before anything is downloaded; server and
+        worker-Python modes install nothing.  The installed torch is checked against what sam2/transformers need
+        (a wrong torch cannot be fixed by pip while Slicer has it loaded).  pip failures come back as one
+        readable RuntimeError with pip's own last lines.  When pip replaced a package this Slicer had already
+        imported (not one installed for the first time), the user is told to restart.
         """
         withModel = has_evidence_model(settings)
-        missing = deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
+        mode = deps.run_mode(settings.server_url, settings.python_executable)
+        plan = deps.dependency_plan(mode, settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
+        if plan.refusal:
+            raise deps.UnsupportedPython(plan.refusal)
+        missing = plan.install
         if not missing:
             return True
         problem = deps.check_torch(settings.propagator, settings.sam_checkpoint)
@@ -603,7 +740,6 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
             windowTitle=_("MedVol-R1: install dependencies"),
         ):
             return False
-        pipEnsure = deps.find_pip_ensure(slicer)
         before = deps.installed_versions()
         with slicer.util.WaitCursor():
             for requirement in missing:
@@ -611,36 +747,26 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
                     if requirement is deps.TORCH:
                         self._installTorch()
                     else:
-                        self._pipInstall(requirement, pipEnsure)
+                        self._pipInstall(requirement)
                 except subprocess.CalledProcessError as exc:
                     raise RuntimeError(deps.pip_failure_message(requirement.import_name, exc)) from exc
         importlib.invalidate_caches()  # packages installed by a subprocess are found by find_spec at once
         changed = deps.restart_needed(before, deps.installed_versions())
-        if changed and pipEnsure is None:  # pip_ensure offers the restart itself
+        if changed:
             slicer.util.warningDisplay(
                 _("These packages were updated but older versions are already loaded. Restart Slicer, then run again:\n\n")
                 + "\n".join(changed), windowTitle=_("MedVol-R1: restart Slicer"))
             return False
-        return not deps.missing_requirements(settings.propagator, settings.sam_checkpoint, evidence_model=withModel)
+        return not deps.dependency_plan(mode, settings.propagator, settings.sam_checkpoint, evidence_model=withModel).install
 
     @staticmethod
-    def _pipInstall(requirement, pipEnsure) -> None:
-        """slicer.packaging.pip_ensure where this Slicer has it (plain requirements), else slicer.util.pip_install."""
-        if pipEnsure is not None and not requirement.environment and not requirement.pip_args.startswith("-"):
-            from packaging.requirements import Requirement as PipRequirement
-
-            pipEnsure([PipRequirement(spec) for spec in requirement.pip_args.split()], prompt_install=False, requester="MedVol-R1")
-            return
-        saved = {key: os.environ.get(key) for key in requirement.environment}
-        os.environ.update(requirement.environment)
-        try:
-            slicer.util.pip_install(requirement.pip_args)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    def _pipInstall(requirement) -> None:
+        """pip in Slicer's Python, through launchConsoleProcess (no console window on Windows), its output echoed
+        to the Python console and kept, so a failure shows pip's own words."""
+        python = shutil.which("PythonSlicer") or sys.executable
+        environment = dict(requirement.environment)
+        deps.run_pip(deps.pip_command(python, requirement),
+                     lambda args: slicer.util.launchConsoleProcess(args, useStartupEnvironment=False, updateEnvironment=environment or None))
 
     @staticmethod
     def _installTorch() -> None:
@@ -695,11 +821,11 @@ class MedVolR1Logic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def extentText(volumeNode) -> str:
-        limit = evidence_edits.extent_limit(volumeNode)
-        if limit is None:
+        """Redrawn on every parameter change (each keystroke): the node's cached grid, never a voxel copy."""
+        labels = evidence_edits.extent_labels(volumeNode)
+        if labels is None:
             return _("Extent: whole scan")
-        volume = mm.volume_from_node(volumeNode)
-        low, high = (mm.slice_label(volumeNode, volume, k) for k in limit)
+        low, high = labels
         return _("Extent: from {low} up to {high}").format(low=low, high=high)
 
     # ------------------------------------------------------------------------------------------------- views

@@ -126,12 +126,10 @@ class Volume:
 
     def ras_from_ijk(self, ijk: Sequence[float] | np.ndarray) -> np.ndarray:
         """Continuous voxel index (i, j, k), voxel centres at integers -> RAS mm. Accepts (..., 3)."""
-        points = np.asarray(ijk, dtype=np.float64)
-        return points @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
+        return _ras_from_ijk(self.ijk_to_ras, ijk)
 
     def ijk_from_ras(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
-        points = np.asarray(ras, dtype=np.float64) - self.ijk_to_ras[:3, 3]
-        return points @ np.linalg.inv(self.ijk_to_ras[:3, :3]).T
+        return _ijk_from_ras(self.ijk_to_ras, ras)
 
     def to_source_array(self, canonical: np.ndarray) -> np.ndarray:
         """Map a canonical (k, j, i) array (e.g. a mask) back to the source file's voxel order."""
@@ -140,6 +138,44 @@ class Volume:
         if self.source is None:
             return canonical
         return self.source.reorientation.to_source(canonical)
+
+
+def _ras_from_ijk(ijk_to_ras: np.ndarray, ijk) -> np.ndarray:
+    points = np.asarray(ijk, dtype=np.float64)
+    return points @ ijk_to_ras[:3, :3].T + ijk_to_ras[:3, 3]
+
+
+def _ijk_from_ras(ijk_to_ras: np.ndarray, ras) -> np.ndarray:
+    points = np.asarray(ras, dtype=np.float64) - ijk_to_ras[:3, 3]
+    return points @ np.linalg.inv(ijk_to_ras[:3, :3]).T
+
+
+@dataclass(frozen=True)
+class CanonicalGrid:
+    """A Volume's canonical shape and voxel -> RAS mapping without its voxels: enough to name slices and map
+    boxes (the Slicer panel redraws these on every keystroke; copying the voxels each time made typing lag)."""
+
+    shape: tuple[int, int, int]
+    ijk_to_ras: np.ndarray
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.shape[0])
+
+    def ras_from_ijk(self, ijk: Sequence[float] | np.ndarray) -> np.ndarray:
+        return _ras_from_ijk(self.ijk_to_ras, ijk)
+
+    def ijk_from_ras(self, ras: Sequence[float] | np.ndarray) -> np.ndarray:
+        return _ijk_from_ras(self.ijk_to_ras, ras)
+
+
+def canonical_grid(shape_kji: Sequence[int], ijk_to_ras: np.ndarray) -> CanonicalGrid:
+    """The grid `volume_from_array` would give an array of `shape_kji` with this IJK->RAS, computed without it."""
+    ijk_to_ras = np.asarray(ijk_to_ras, dtype=np.float64)
+    reo = _choose_reorientation(ijk_to_ras)
+    sizes_ijk = list(shape_kji)[::-1]
+    shape = tuple(int(sizes_ijk[reo.perm[c]]) for c in (2, 1, 0))
+    return CanonicalGrid(shape, _reoriented_affine(ijk_to_ras, shape_kji, reo))  # type: ignore[arg-type]
 
 
 def _choose_reorientation(ijk_to_ras: np.ndarray) -> Reorientation:

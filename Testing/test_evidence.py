@@ -67,3 +67,40 @@ def test_history_undo_restores_previous_version():
     history.push(second, np.ones(SHAPE, np.uint8))
     history.push(first, np.zeros(SHAPE, np.uint8))  # limit 2: the oldest version is dropped
     assert len(history) == 2 and history.undo().evidence == second
+
+
+def test_history_keeps_masks_compressed_within_a_byte_budget():
+    """Undo inside Slicer: masks are kept as packed bits + zlib and the history is bounded by bytes, so twenty
+    versions of an organ mask no longer hold twenty full uint8 copies (2 GB for a 512x512x400 CT)."""
+    import numpy as np
+
+    from MedVolR1Lib.evidence_history import EvidenceHistory
+
+    shape = (200, 256, 256)  # 13 MB as uint8
+
+    def organ(n):
+        mask = np.zeros(shape, np.uint8)
+        mask[75 + n:125 + n, 100:150, 90:145] = 1
+        return mask
+
+    evidence = Evidence.single(_anchor(10, (1, 1, 5, 5)))
+    history = EvidenceHistory(limit=20)
+    for n in range(20):
+        history.push(evidence, organ(n))
+    assert len(history) == 20
+    full = 20 * organ(0).nbytes
+    assert history.nbytes * 200 < full, (history.nbytes, full)  # > 200x smaller than full uint8 masks
+    assert np.array_equal(history.undo().mask, organ(18)) and history.current.mask.dtype == np.uint8
+    # The byte budget drops the oldest versions first and always keeps the newest.
+    per_version = history.current.nbytes
+    small = EvidenceHistory(limit=20, max_bytes=3 * per_version + per_version // 2)
+    for n in range(6):
+        small.push(evidence, organ(n))
+    assert len(small) == 3 and np.array_equal(small.current.mask, organ(5)) and small.nbytes <= 3.5 * per_version
+    tiny = EvidenceHistory(max_bytes=1)
+    tiny.push(evidence, organ(0))
+    assert len(tiny) == 1 and np.array_equal(tiny.current.mask, organ(0))
+    # A non-binary mask (labels) round-trips too.
+    labels = (np.arange(2 * 3 * 4).reshape(2, 3, 4) % 5).astype(np.uint8)
+    tiny.push(evidence, labels)
+    assert np.array_equal(tiny.current.mask, labels)

@@ -79,3 +79,59 @@ def test_license_description_and_cmake_minimum():
     for jargon in ("VLM", "vision-language", "LoRA", "propagat"):
         assert jargon.lower() not in description.lower()
     assert description in (REPO / "MedVolR1.s4ext").read_text()
+
+
+def _module_source() -> str:
+    return (REPO / "MedVolR1" / "MedVolR1.py").read_text()
+
+
+def test_the_minimum_slicer_is_said_in_the_readme_the_description_and_the_help():
+    """One sentence, derived from the packages' Python floors (MedVolR1SlicerGlue.deps), in every place a user reads."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "MedVolR1"))
+    from MedVolR1SlicerGlue import deps
+
+    sentence = f"3D Slicer {'.'.join(map(str, deps.MIN_SLICER))} or later"
+    assert deps.SUPPORTED_SLICER_SENTENCE == f"MedVol-R1 needs {sentence}."
+    assert deps.SUPPORTED_SLICER_SENTENCE in (REPO / "README.md").read_text()
+    assert f"MedVol-R1 needs {sentence}." in _module_source()  # the module's help text
+    top = (REPO / "CMakeLists.txt").read_text()
+    description = re.search(r'set\(EXTENSION_DESCRIPTION "([^"]+)"\)', top).group(1)
+    assert f"Needs {sentence}" in description
+    assert f"Needs {sentence}" in (REPO / "MedVolR1.s4ext").read_text()
+
+
+def test_contributors_help_link_and_category_follow_the_extensions_index():
+    source = _module_source()
+    contributors = re.search(r"self\.parent\.contributors = \[(.*?)\]", source).group(1)
+    names = re.findall(r'"([^"]+)"', contributors)
+    assert names and all(re.fullmatch(r"[^()]+ \([^()]+\)", name) for name in names), names  # "Name (Organisation)"
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', top).group(1) == ", ".join(names)
+    assert re.search(r"^contributors (.+)$", (REPO / "MedVolR1.s4ext").read_text(), re.MULTILINE).group(1) == ", ".join(names)
+    link = re.search(r'<a href="(https://github\.com/medvol-r1/SlicerMedVolR1/blob/main/([^"]+))">', source)
+    assert link and (REPO / link.group(2)).is_file(), "help text links the module documentation"
+    assert 'self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]' in source
+
+
+def test_the_sample_ct_is_registered_with_sample_data():
+    """As Slicer's scripted-module template: connected to startupCompleted, registered with
+    SampleData.SampleDataLogic.registerCustomSampleDataSource (keywords of its Slicer 5.10 signature), with a
+    thumbnail of about 260x280 pixels that the build installs."""
+    import ast
+
+    from PIL import Image
+
+    source = _module_source()
+    assert 'slicer.app.connect("startupCompleted()", registerSampleData)' in source
+    tree = ast.parse(source)
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "registerCustomSampleDataSource")
+    signature = {"category", "sampleName", "uris", "fileNames", "nodeNames", "customDownloader", "thumbnailFileName",
+                 "loadFileTypes", "loadFiles", "loadFileProperties", "checksums", "loadFileType"}
+    keywords = {k.arg for k in call.keywords}
+    assert keywords <= signature and {"category", "sampleName", "thumbnailFileName", "customDownloader"} <= keywords
+    thumbnail = REPO / "MedVolR1" / "Resources" / "Icons" / "MedVolR1AbdomenCT.png"
+    with Image.open(thumbnail) as image:
+        assert image.size == (260, 280)
+    assert "Resources/Icons/MedVolR1AbdomenCT.png" in _listed((REPO / "MedVolR1" / "CMakeLists.txt").read_text(), "MODULE_PYTHON_RESOURCES")

@@ -291,6 +291,106 @@ def test_settings_checks_name_the_problem(tmp_path):
     check_settings(PanelSettings(model="Qwen/Qwen2.5-VL-3B-Instruct"), cuda_available=False)  # a hub id is not a path
 
 
+# ------------------------------------------------------------------- settings stay with the user; typing copies nothing
+
+
+def test_a_scene_cannot_name_a_program_a_server_or_a_token(tmp_path):
+    """A shared scene whose MedVol-R1 parameter node says where to run and where to send changes nothing: those
+    come from the user's application settings only."""
+    import ast
+
+    from MedVolR1SlicerGlue import settings as panel_settings
+
+    planted = {"serverUrl": "http://attacker.example:80", "serverTokenFile": "/home/u/.ssh/id_rsa",
+               "pythonExecutable": "/tmp/evil.sh", "server_url": "http://attacker.example:80", "python_executable": "/tmp/evil.sh"}
+    source = slicer.vtkMRMLScene()
+    node = source.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedVolR1")
+    node.SetAttribute("ModuleName", "MedVolR1")
+    node.SetParameter("model", "Qwen/Qwen2.5-VL-3B-Instruct")
+    node.SetParameter("device", "cpu")
+    for key, value in planted.items():
+        node.SetParameter(key, value)
+        node.SetAttribute(key, value)
+    path = tmp_path / "shared.mrml"
+    source.SetURL(str(path))
+    assert source.Commit()
+    assert "attacker.example" in path.read_text()  # the scene file really carries them
+
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Connect()
+    nodes = [n for n in (loaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+                         for i in range(loaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")))
+             if n.GetAttribute("ModuleName") == "MedVolR1"]
+    assert len(nodes) == 1 and nodes[0].GetParameter("serverUrl") == planted["serverUrl"]
+    values = panel_settings.scene_values(nodes[0])
+    assert values == {"model": "Qwen/Qwen2.5-VL-3B-Instruct", "device": "cpu"}
+    for user in (panel_settings.UserSettings(), panel_settings.UserSettings("/opt/w/bin/python", "http://gpu.lab:8765", "/home/u/t")):
+        store = panel_settings.MemoryStore()
+        panel_settings.save_user_settings(store, user)
+        settings = panel_settings.panel_settings(values, panel_settings.load_user_settings(store))
+        assert (settings.python_executable, settings.server_url, settings.server_token_file) == (
+            user.python_executable, user.server_url, user.server_token_file)
+        assert settings.model == "Qwen/Qwen2.5-VL-3B-Instruct" and settings.device == "cpu"
+    # ... and the parameter node class of the module declares no such field.
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "MedVolR1" / "MedVolR1.py").read_text())
+    parameter_class = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "MedVolR1ParameterNode")
+    fields = {stmt.target.id for stmt in parameter_class.body if isinstance(stmt, ast.AnnAssign)}
+    assert not fields & {"serverUrl", "serverTokenFile", "pythonExecutable"}, fields
+    assert set(panel_settings.SCENE_PARAMETERS.values()) <= fields
+
+
+def test_a_scan_goes_to_a_server_only_after_the_user_agreed(scene):
+    from MedVolR1SlicerGlue.session import UploadNotApproved
+
+    rng = np.random.default_rng(3)
+    node = _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "consent"),
+                           rng.integers(-100, 100, (12, 24, 24)).astype(np.int16), np.diag([-1.0, -1.0, 2.0, 1.0]))
+    volume = mm.volume_from_node(node)
+    mm.place_evidence_rois(scene, node, volume, EvidenceAnchor(5, (VoxelBox.from_voxels(4, 4, 12, 12),)))
+    asked = []
+    session = EvidenceSession(scene, upload_allowed=lambda url: asked.append(url) or False)
+    before = mm.node_ids(scene)
+    with pytest.raises(UploadNotApproved, match="nothing was sent"):
+        session.start_segment(node, "", PanelSettings(server_url="http://127.0.0.1:9"))
+    assert asked == ["http://127.0.0.1:9"] and not session.busy and mm.node_ids(scene) == before
+    mm.remove_nodes(scene, [node, *mm.evidence_rois(scene, node)])
+
+
+def test_typing_in_the_question_copies_no_voxels(scene, monkeypatch):
+    """The panel redraws the extent line and the box list on every parameter change (each keystroke): from the
+    node's cached grid, with no copy of the volume (was a float32 copy of the whole CT per keystroke)."""
+    import MedVolR1Lib.volume as volume_module
+
+    rng = np.random.default_rng(5)
+    matrix = np.array([[-0.8, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -300.0], [0, 0, 0, 1.0]])
+    node = _set_node_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "typing"),
+                           rng.integers(-1000, 1000, (30, 40, 48)).astype(np.int16), matrix)
+    volume = mm.volume_from_node(node)
+    evidence_edits.add_box(scene, node, volume, 12, VoxelBox.from_voxels(5, 5, 20, 20))
+    evidence_edits.add_box(scene, node, volume, 17, VoxelBox.from_voxels(8, 8, 30, 30))
+    evidence_edits.set_extent_limit(node, (10, 20))
+    expected_extent = tuple(mm.slice_label(node, volume, k) for k in (10, 20))
+    expected_list = [mm.slice_label(node, volume, mm.box_from_roi(volume, roi)[1]) for roi in mm.evidence_rois(scene, node)]
+
+    copies = []
+    for module, name in ((mm, "array_from_volume_node"), (mm, "volume_from_array"), (volume_module, "volume_from_array")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _original=original, _name=name, **k: copies.append(_name) or _original(*a, **k))
+    mm.GRIDS.clear()
+    computed = mm.GRIDS.computed
+    for _keystroke in range(25):
+        assert evidence_edits.extent_labels(node) == expected_extent
+        assert [label for _roi, label in evidence_edits.evidence_list(scene, node)] == expected_list
+    assert copies == [] and mm.GRIDS.computed == computed + 1
+    assert [str(label) for label in expected_list] == ["slice 12 (S -270.0 mm)", "slice 17 (S -257.5 mm)"]
+    # A changed geometry is noticed (the cache is keyed by the node's dimensions and IJK->RAS).
+    node.SetSpacing(0.8, 0.8, 5.0)
+    assert evidence_edits.extent_labels(node)[1].offset_mm != expected_extent[1].offset_mm
+    assert mm.GRIDS.computed == computed + 2 and copies == []
+    mm.remove_nodes(scene, [node, *mm.evidence_rois(scene, node)])
+
+
 # ------------------------------------------------------------------------------------ user edits -> re-propagation
 
 
@@ -376,9 +476,6 @@ def test_inputs_are_checked_before_anything_runs(scene, sample_volume, runner):
         session.start_find_evidence(node, "   ", PanelSettings())
     with pytest.raises(QueryError):
         session.start_segment(node, "", PanelSettings())  # no ROIs yet, so the query is needed
-    if not _cuda():  # on this machine's CPU-only setup the real check must refuse CUDA
-        with pytest.raises(DeviceError, match="CUDA"):
-            session.start_find_evidence(node, "segment the liver", PanelSettings(device="cuda"))
     assert not session.busy and mm.node_ids(scene) == before
     mm.remove_nodes(scene, [node])
 

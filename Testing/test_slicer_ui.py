@@ -100,6 +100,32 @@ def _parameter_names() -> set[str]:
     raise AssertionError("MedVolR1ParameterNode not found in MedVolR1.py")
 
 
+def _no_model_hint() -> str:
+    """The literal text MedVolR1.py gives `_()` for the no-evidence-model hint (a literal, so it can be translated)."""
+    tree = ast.parse(MODULE_PATH.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "noModelHint":
+            return node.value.args[0].value
+    raise AssertionError("noModelHint not found in MedVolR1.py")
+
+
+def _translated_calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("_", "translate"):
+            yield node
+
+
+def test_every_translated_text_is_a_literal():
+    """lupdate extracts only literal strings: every `_()`/`translate()` argument is one (ExtensionsIndex review)."""
+    tree = ast.parse(MODULE_PATH.read_text())
+    calls = list(_translated_calls(tree))
+    assert len(calls) > 40
+    bad = [ast.unparse(c) for c in calls if not all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in c.args)]
+    assert not bad, bad
+    # The category is translated as Slicer's scripted-module template does it.
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in MODULE_PATH.read_text()
+
+
 def test_every_widget_the_module_uses_exists(panel):
     used = _ui_names_used_by_module()
     assert {"findEvidenceButton", "segmentButton", "cancelButton", "progressBar", "reasoningTextEdit"} <= used
@@ -120,6 +146,11 @@ def test_parameter_bindings_name_real_parameters(panel):
     # Combo boxes are synced in code (_syncCombos); everything else is bound in the .ui.
     assert set(bound) == parameters - {"propagator", "device"}
     assert bound["inputVolume"] == "inputVolumeSelector" and bound["query"] == "queryLineEdit"
+    # Worker Python, server and token file are the user's application settings: no parameter, no binding.
+    for widget in ("serverLineEdit", "serverTokenLineEdit", "pythonLineEdit"):
+        assert panel.findChild(QtWidgets.QLineEdit, widget).property("SlicerParameterName") is None, widget
+    assert not {name for name in parameters if re.search("server|python|token|executable", name, re.IGNORECASE)}
+    assert "never in the scene" in panel.findChild(QtWidgets.QLineEdit, "serverLineEdit").toolTip()
 
 
 def test_main_panel_speaks_plainly_and_says_research_use(panel):
@@ -137,11 +168,10 @@ def test_main_panel_speaks_plainly_and_says_research_use(panel):
     assert not offending, offending
     notice = panel.findChild(QtWidgets.QLabel, "researchNoticeLabel")
     assert "research use only" in notice.text().lower()
-    from MedVolR1SlicerGlue.settings import NO_EVIDENCE_MODEL_HINT
-
     # The disabled Find evidence says what to set, in words (no flag names, no jargon), in the main panel.
-    assert "NO_EVIDENCE_MODEL_HINT" in MODULE_PATH.read_text() and "--" not in NO_EVIDENCE_MODEL_HINT
-    assert not any(word.lower() in NO_EVIDENCE_MODEL_HINT.lower() for word in JARGON)
+    hint = _no_model_hint()
+    assert "evidenceModelHintLabel.text" in MODULE_PATH.read_text() and "--" not in hint and "Evidence model" in hint
+    assert not any(word.lower() in hint.lower() for word in JARGON)
     for name in ("inputVolumeSelector", "outputSegmentationSelector"):
         assert isinstance(panel.findChild(QtWidgets.QWidget, name), qMRMLNodeComboBox), name
 
@@ -163,9 +193,7 @@ def test_screenshot_of_the_panel(panel):
     panel.findChild(QtWidgets.QPushButton, "addBoxButton").setText("Add box on this slice")
     panel.findChild(QtWidgets.QLabel, "extentLabel").setText("Extent: from slice 50 (S -423.0 mm) up to slice 70 (S -363.0 mm)")
     panel.findChild(QtWidgets.QLabel, "statusLabel").setText("(illustration) Segment 'left kidney': 152.3 mL from key slice 57 (S -402.0 mm)")
-    from MedVolR1SlicerGlue.settings import NO_EVIDENCE_MODEL_HINT
-
-    panel.findChild(QtWidgets.QLabel, "evidenceModelHintLabel").setText(NO_EVIDENCE_MODEL_HINT)
+    panel.findChild(QtWidgets.QLabel, "evidenceModelHintLabel").setText(_no_model_hint())
     panel.show()
     QtWidgets.QApplication.processEvents()
     image = panel.grab().toImage()

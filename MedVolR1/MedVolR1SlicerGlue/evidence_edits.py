@@ -21,7 +21,7 @@ from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
 from MedVolR1Lib.corrections import extent_with
 from MedVolR1Lib.errors import AnchorError
 from MedVolR1Lib.evidence import Evidence
-from MedVolR1Lib.evidence_history import EvidenceHistory, EvidenceVersion
+from MedVolR1Lib.evidence_history import DEFAULT_MAX_BYTES, EvidenceHistory, EvidenceVersion
 from MedVolR1Lib.user_input import require_inside_volume
 from MedVolR1Lib.volume import Volume
 
@@ -86,6 +86,25 @@ def evidence_from_rois(volume: Volume, rois: Sequence, key_roi=None, z_range: Op
     anchors = tuple(EvidenceAnchor(k, tuple(b)) for k, b in boxes.items())
     evidence = Evidence(anchors, tuple(int(v) for v in z_range) if z_range is not None else None)  # type: ignore[arg-type]
     return require_inside_volume(evidence, volume.shape)  # a box dragged off the scan is an error, never clipped
+
+
+def extent_labels(volume_node) -> Optional[tuple]:
+    """(lowest, highest) extent limit as Slicer names the slices, or None: from the node's cached grid, so the
+    panel's redraw on each keystroke copies no voxels."""
+    limit = extent_limit(volume_node)
+    if limit is None:
+        return None
+    grid = mm.grid_of_node(volume_node)
+    return tuple(mm.slice_label(volume_node, grid, k) for k in limit)
+
+
+def evidence_list(scene, volume_node) -> list[tuple]:
+    """[(ROI, its slice as Slicer names it)] for the panel's box list; grid only, no voxel copy."""
+    rois = mm.evidence_rois(scene, volume_node)
+    if not rois:
+        return []
+    grid = mm.grid_of_node(volume_node)
+    return [(roi, mm.slice_label(volume_node, grid, mm.box_from_roi(grid, roi)[1])) for roi in rois]
 
 
 def scene_evidence(scene, volume_node, volume: Volume, key_roi=None) -> Evidence:
@@ -157,14 +176,14 @@ def limit_extent(scene, volume_node, volume: Volume, slice_index: int, side: str
 class VolumeHistory(EvidenceHistory):
     """EvidenceHistory of one scan: a result on another scan starts a fresh history (undo never crosses scans)."""
 
-    def __init__(self, limit: int = 20) -> None:
-        super().__init__(limit)
-        self._keep = int(limit)
+    def __init__(self, limit: int = 20, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(limit, max_bytes)
+        self._keep = (int(limit), int(max_bytes))
         self.volume_fingerprint: Optional[str] = None
 
     def record(self, volume: Volume, evidence: Evidence, mask: np.ndarray) -> EvidenceVersion:
         if volume.fingerprint != self.volume_fingerprint:
-            super().__init__(self._keep)  # empty again
+            super().__init__(*self._keep)  # empty again
             self.volume_fingerprint = volume.fingerprint
         return self.push(evidence, np.asarray(mask, dtype=np.uint8))
 
@@ -179,10 +198,11 @@ def restore_version(session, volume_node, version: EvidenceVersion) -> tuple[lis
     result = session.result
     name = (getattr(result, "target_name", "") or "MedVol-R1 target").strip()
     target_node = session.segmentation_node if session.segmentation_node is not None and scene.IsNodePresent(session.segmentation_node) else None
-    segmentation_node, segment_id, _note = session.guard.write(scene, volume_node, volume, version.mask, name, target_node)
+    mask = version.mask  # unpacked once
+    segmentation_node, segment_id, _note = session.guard.write(scene, volume_node, volume, mask, name, target_node)
     session.segmentation_node = segmentation_node
     if result is not None:
-        session.result = replace(result, anchor=version.evidence.primary, mask=version.mask, evidence=version.evidence)
+        session.result = replace(result, anchor=version.evidence.primary, mask=mask, evidence=version.evidence)
     session.anchor = version.evidence.primary
     return rois, segment_id
 

@@ -15,7 +15,7 @@ import numpy as np
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox, box_from_ras_bounds, box_ras_bounds
 from MedVolR1Lib.errors import AnchorError, VolumeError
 from MedVolR1Lib.evidence import Evidence
-from MedVolR1Lib.volume import Volume, volume_from_array
+from MedVolR1Lib.volume import CanonicalGrid, Volume, canonical_grid, volume_from_array
 
 EVIDENCE_ATTRIBUTE = "MedVolR1.Evidence"  # value: ID of the volume node the ROI belongs to
 EVIDENCE_INDEX_ATTRIBUTE = "MedVolR1.EvidenceIndex"
@@ -98,6 +98,45 @@ def volume_from_node(volume_node, *, modality: Optional[str] = None) -> Volume:
     return volume_from_array(array, ijk_to_ras_of(volume_node), modality=modality, name=volume_node.GetName())
 
 
+class GridCache:
+    """Canonical grid of each volume node, recomputed only when its image or geometry changed.
+
+    The panel names slices and lists boxes on every parameter change (each keystroke in the question field):
+    that needs the grid, never the voxels, so no copy of the volume is made (`volume_from_node` is for runs)."""
+
+    def __init__(self) -> None:
+        self._grids: dict[str, tuple[tuple, CanonicalGrid]] = {}
+        self.computed = 0  # grids computed (tests: typing reuses one)
+
+    def grid(self, volume_node) -> CanonicalGrid:
+        if volume_node is None:
+            raise VolumeError("No input volume selected: load a CT or MR scan and pick it as the input volume")
+        image = volume_node.GetImageData()
+        if image is None:
+            raise VolumeError(f"{volume_node.GetName()}: the volume node holds no image data")
+        ijk_to_ras = ijk_to_ras_of(volume_node)
+        dims = image.GetDimensions()
+        key = (tuple(dims), tuple(np.round(ijk_to_ras, 9).ravel()))
+        cached = self._grids.get(volume_node.GetID())
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        grid = canonical_grid((dims[2], dims[1], dims[0]), ijk_to_ras)
+        self._grids[volume_node.GetID()] = (key, grid)
+        self.computed += 1
+        return grid
+
+    def clear(self) -> None:
+        self._grids.clear()
+
+
+GRIDS = GridCache()
+
+
+def grid_of_node(volume_node) -> CanonicalGrid:
+    """The node's canonical grid (shape, voxel -> RAS) without copying its voxels; cached per node."""
+    return GRIDS.grid(volume_node)
+
+
 # ----------------------------------------------------------------------------------------------- anchors <-> ROIs
 
 
@@ -122,7 +161,7 @@ def roi_center_size(roi_node) -> tuple[np.ndarray, np.ndarray]:
     return center, np.array(roi_node.GetSize(), dtype=np.float64)
 
 
-def box_from_roi(volume: Volume, roi_node) -> tuple[VoxelBox, int]:
+def box_from_roi(volume: "Volume | CanonicalGrid", roi_node) -> tuple[VoxelBox, int]:
     """(voxel box, slice index) covered by an ROI node, in canonical voxel edge coordinates."""
     center, size = roi_center_size(roi_node)
     box, k = box_from_ras_bounds(volume.ijk_to_ras, center - size / 2.0, center + size / 2.0)
@@ -211,7 +250,7 @@ def jump_slice_node(slice_node, ras: Sequence[float]) -> None:
     slice_node.JumpSliceByOffsetting(float(ras[0]), float(ras[1]), float(ras[2]))
 
 
-def slice_index_of_view(slice_node, volume: Volume) -> int:
+def slice_index_of_view(slice_node, volume: "Volume | CanonicalGrid") -> int:
     """Canonical axial slice shown at the centre of a slice view (e.g. Red), clipped into the volume."""
     slice_to_ras = matrix_to_numpy(slice_node.GetSliceToRAS())
     k = float(volume.ijk_from_ras(slice_to_ras[:3, 3])[2])
@@ -235,7 +274,7 @@ class SliceLabel:
         return f"slice {self.source_index} ({self.axis} {self.offset_mm:.1f} mm)"
 
 
-def slice_label(volume_node, volume: Volume, slice_index: int) -> SliceLabel:
+def slice_label(volume_node, volume: "Volume | CanonicalGrid", slice_index: int) -> SliceLabel:
     """How Slicer would name canonical slice `slice_index` of `volume_node`."""
     ras = volume.ras_from_ijk([(volume.shape[2] - 1) / 2.0, (volume.shape[1] - 1) / 2.0, float(slice_index)])
     ijk_source = np.linalg.inv(ijk_to_ras_of(volume_node)) @ np.append(ras, 1.0)

@@ -31,6 +31,10 @@ class BusyError(MedVolR1Error):
     """A run is in progress; wait for it or press Cancel."""
 
 
+class UploadNotApproved(MedVolR1Error):
+    """The user has not agreed to send scans to this server."""
+
+
 ConfigFactory = Callable[[PanelSettings], Any]  # -> PipelineConfig (or a Pipeline, whose config is used)
 
 
@@ -78,8 +82,11 @@ class EvidenceSession:
     """State of one panel: volume, evidence ROIs, last result, the running job and a queued re-propagation."""
 
     def __init__(self, scene, config_factory: ConfigFactory = default_config_factory, *, check=check_settings,
-                 runner: Optional[ModelRunner] = None) -> None:
+                 runner: Optional[ModelRunner] = None, upload_allowed: Optional[Callable[[str], bool]] = None) -> None:
+        """`upload_allowed(url)`: whether the user agreed to send scans to that server (the panel passes its
+        remembered answers; None, for scripts, sends where the caller's settings say)."""
         self.scene = scene
+        self.upload_allowed = upload_allowed
         self._config_factory = config_factory
         self._check = check
         self.runner = runner or ModelRunner()
@@ -193,6 +200,9 @@ class EvidenceSession:
         return proto.config_to_dict(_config_of(self._config_factory(settings)))
 
     def _start(self, kind, volume_node, volume, query, request, previous=None) -> Job:
+        url = self.settings.server_url.strip()
+        if url and self.upload_allowed is not None and not self.upload_allowed(url):
+            raise UploadNotApproved(f"Scans are not sent to {url} until you agree to it; nothing was sent")
         job = self.runner.start(self.settings, volume, request, kind)
         self._run = _Run(kind, job, volume_node, volume, query, previous)
         return job
