@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .errors import DataError, MedVolR1Error
+from .errors import DataError, MedVolR1Error, OutputsIncomplete, one_line
 from .hashing import file_sha256
 from .volume import atomic_write
 
@@ -228,13 +228,6 @@ def read_failures(out_dir: str | os.PathLike) -> list[dict]:
                     continue
                 merged[entry["name"]] = entry
     return sorted(merged.values(), key=lambda e: int(e.get("line") or 0))
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, (MedVolR1Error, ValueError, OSError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _bind_local_gpu(device: str) -> None:

@@ -276,17 +276,20 @@ def test_segment_terms_use_pydicom_snomed_codes_and_fall_back_to_tissue():
     assert unknown.key is None and unknown.type == codes.SCT.Tissue and unknown.label == "the odd thing near the hilum"
 
 
-def test_a_series_that_no_longer_matches_the_scan_writes_nothing(dicom_case, tmp_path):
-    from MedVolR1Lib.errors import DataError
+def test_a_series_that_no_longer_matches_the_scan_loses_only_the_seg(dicom_case, tmp_path):
+    from MedVolR1Lib.errors import OutputsIncomplete
 
     folder = tmp_path / "series"
     shutil.copytree(dicom_case["series"], folder)
     volume = load_volume(folder)
     (folder / "slice005.dcm").unlink()  # the folder changed after the scan was read
     result = _reference_result(volume, dicom_case["truth"], "right kidney")
-    with pytest.raises(DataError, match="23 instances for 24 slices"):
+    with pytest.raises(OutputsIncomplete, match=r"dicom-seg \(segmentation.dcm\) not written: .*23 instances for 24 slices") as caught:
         outputs.write_outputs(result, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(caught.value.written) == ["evidence.json", "evidence.png", "mask.nii.gz", "segmentation.seg.nrrd", "statistics.csv"]
+    failed = json.loads((tmp_path / "out" / "evidence.json").read_text())["outputs"]["failed"]
+    assert [(f["format"], f["file"]) for f in failed] == [("dicom-seg", "segmentation.dcm")] and "23 instances" in failed[0]["reason"]
 
 
 def test_placeholder_series_of_a_float_mr_keeps_values_within_one_step(tmp_path):
