@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicom_series import write_dicom_series
+from dicom_series import seg_frames_on_grid as _frames_on_grid, write_dicom_series
 from MedVolR1Lib import cli, outputs
 from MedVolR1Lib.anchor import EvidenceAnchor
 from MedVolR1Lib.hashing import file_sha256
@@ -62,25 +62,6 @@ def written_case(dicom_case):
     record = json.loads((out / "evidence.json").read_text())
     mask_image = sitk.ReadImage(str(out / "mask.nii.gz"))
     return {"out": out, "record": record, "mask_image": mask_image, "mask": sitk.GetArrayFromImage(mask_image)}
-
-
-def _frames_on_grid(seg, image: sitk.Image) -> np.ndarray:
-    """Every SEG frame placed at its own Image Position (Patient) on `image`'s grid (source k, j, i order)."""
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
-    row_spacing, col_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    to_index = np.linalg.inv(direction)
-    rows, cols = np.meshgrid(np.arange(seg.Rows), np.arange(seg.Columns), indexing="ij")
-    placed = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
-    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
-    for frame, group in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
-        origin = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
-        points = origin + cols[..., None] * col_spacing * orientation[:3] + rows[..., None] * row_spacing * orientation[3:]
-        ijk = np.rint((points - np.asarray(image.GetOrigin())) @ to_index.T).astype(int)
-        assert (ijk >= 0).all() and (ijk < np.asarray(image.GetSize())).all()
-        placed[ijk[..., 2], ijk[..., 1], ijk[..., 0]] |= frame.astype(np.uint8)
-    return placed
 
 
 def test_default_formats_for_a_dicom_input(written_case):
