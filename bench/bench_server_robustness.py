@@ -80,6 +80,7 @@ def raw_post(port: int, token: str, body: bytes, *, declared: int | None = None,
         except OSError:
             pass  # the server may answer (413, 400) and close before the whole body is sent
         if close_after:
+            time.sleep(0.05)  # the server is reading the body now
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST, like a crash
             return -1
         if declared is not None and declared > len(body):
@@ -177,6 +178,7 @@ def main() -> int:
     parser.add_argument("--malformed", type=int, default=1000)
     parser.add_argument("--disconnects", type=int, default=50)
     parser.add_argument("--max-request-mb", type=int, default=16)
+    parser.add_argument("--stalled", type=int, default=4, help="clients that send half a body, then nothing, during all phases")
     args = parser.parse_args()
 
     from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
@@ -216,6 +218,14 @@ def main() -> int:
         sampler = RssSampler(server.pid)
         sampler.start()
         t0 = time.time()
+
+        # 0. stalled uploads, left open during every phase: the server must drop them (408) and keep serving
+        stalled = []
+        for _ in range(args.stalled):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+            sock.sendall((f"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                          f"Content-Length: {8 << 20}\r\n\r\n").encode() + bytes(1 << 20))
+            stalled.append(sock)
 
         # 1. malformed and truncated requests, a bounded loop
         rng = np.random.default_rng(0)
@@ -287,6 +297,18 @@ def main() -> int:
         del at_limit
         after["size limit"] = rss_bytes(server.pid)
 
+        # the stalled uploads: each must have been answered 408 and closed
+        stalled_answers: Counter = Counter()
+        for sock in stalled:
+            try:
+                stalled_answers[int(sock.recv(64).split(b" ", 2)[1])] += 1
+            except (OSError, IndexError, ValueError):
+                stalled_answers[0] += 1
+            sock.close()
+        t_stalled = time.time() - t0
+        if set(stalled_answers) != {408}:
+            problems.append(f"stalled uploads answered {dict(stalled_answers)}")
+
         # back to the normal working set: small volumes push the big one out of the server's volume cache
         for k in range(MAX_VOLUMES):
             client.call(crop_volume(40 + 4 * k, slices=4), p.Stats(), timeout=60)
@@ -309,6 +331,10 @@ def main() -> int:
               f"(after {t_back:.1f} s)")
         print(f"two clients at once (different volumes): {t_two:.1f} s, masks equal to serial runs: {concurrent_ok}")
         print(f"volume at the size limit ({limit} bytes): answered {status_at_limit}, volume held {opened}; one byte over: {over}")
+        print(f"stalled uploads: {args.stalled}, open during all phases; answers {dict(stalled_answers)} (by {t_stalled:.0f} s)")
+        log_text = (work / "server.log").read_bytes().decode(errors="replace")
+        print(f"server log: {log_text.count('Exceeded concurrency limit')} connections refused with 503 (more than 16 at once), "
+              f"{log_text.count('Traceback')} tracebacks")
         print(f"RSS start {start / 2**20:.1f} MiB, peak {sampler.peak / 2**20:.1f} MiB, end {end / 2**20:.1f} MiB "
               f"({growth:+.1%}); still answering: {answers}")
         print("RSS after each phase: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in after.items()))
