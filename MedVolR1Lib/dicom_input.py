@@ -144,6 +144,22 @@ def read_instance(path: Path) -> Optional[DicomInstance]:
         return None
 
 
+def not_an_image(path: str | os.PathLike) -> Optional[str]:
+    """Why a DICOM file is no scan ('an RT Plan Storage object without image pixels'); None if it is not DICOM
+    or looks like an image.  For refusals that name the file's kind instead of an ITK exception text."""
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM (or unreadable): the caller's own message stands
+        return None
+    if "Rows" in dataset and "Columns" in dataset:
+        return None
+    sop_class = dataset.get("SOPClassUID") or getattr(getattr(dataset, "file_meta", None), "MediaStorageSOPClassUID", "")
+    name = getattr(sop_class, "name", "") or str(sop_class) or "DICOM"
+    return f"a {name} object without image pixels, not a scan"
+
+
 def read_folder(folder: str | os.PathLike) -> dict[str, list[DicomInstance]]:
     """The image instances of a folder (not its subfolders), grouped by Series Instance UID."""
     folder = Path(folder)

@@ -59,6 +59,14 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _unreadable(path: Path, exc: Exception) -> VolumeError:
+    """One line for a file SimpleITK cannot read; a DICOM file that holds no image says what it is instead."""
+    from .dicom_input import not_an_image
+
+    kind = not_an_image(path) if path.is_file() else None
+    return VolumeError(f"{path}: {kind}" if kind else f"{path}: cannot read as a medical image ({_first_line(exc)})")
+
+
 def _sitk_bytes_per_voxel(reader) -> int:
     """Bytes per voxel of the pixel type an ImageFileReader reported (e.g. '16-bit signed integer')."""
     import SimpleITK as sitk
@@ -92,7 +100,7 @@ def estimate_load(path: str | os.PathLike, series: Optional[DicomSeries] = None)
     except VolumeError:
         raise
     except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace; numpy ValueError
-        raise VolumeError(f"{path}: cannot read as a medical image ({_first_line(exc)})") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def parse_bytes(text: str) -> int:
@@ -252,7 +260,7 @@ def load_volume(
     except VolumeError:
         raise
     except Exception as exc:
-        raise VolumeError(f"{path}: cannot read as a medical image ({_first_line(exc)})") from exc
+        raise _unreadable(path, exc) from exc
     volume = volume_from_sitk(image, path=str(path), modality=modality, fill_nonfinite_voxels=fill_nonfinite)
     volume.dicom_series = series
     return volume
