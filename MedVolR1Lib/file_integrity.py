@@ -150,8 +150,13 @@ def nifti_layout(head: bytes) -> Optional[tuple[int, int]]:
     return max(offset, size), voxels * item
 
 
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
 def check_nifti(path: Path) -> None:
-    if path.name.endswith(".gz"):
+    if path.name.endswith(".gz") and is_gzip(path):  # zlib's gzopen, as ITK uses it, also reads a plain file named .gz
         size = stream_size(path, "gzip", head_bytes=540)
         layout = nifti_layout(size.head)
         if layout is None:

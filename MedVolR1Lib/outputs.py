@@ -7,7 +7,8 @@ source series; with a placeholder `dicom_source/` series when the input is not D
 (anchor in rendered pixels, source-file voxels and RAS mm, reasoning, models with hashes, package
 versions, timings, statistics, the files written).  Files are staged in a hidden folder and moved in
 at the end (evidence.json last), so an interrupted run never leaves a half-written result that looks
-complete.
+complete.  Each file is written on its own: one that cannot be written (a SEG the source series cannot
+carry) costs only itself; the rest are written, evidence.json names it, and OutputsIncomplete says so.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def write_outputs(
     term = term_for_target(result.target_name)
     stats = segment_statistics(result.volume, result.mask, term.label, result.anchor.slice_index)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
-    failures: list[tuple[str, str]] = []
+    failures: list[tuple[str, str, str]] = []  # (format, file, one-line reason)
     try:
         record = evidence_record(result, geometry, provenance or {})
         record["segment"] = term_record(term)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .dicom_input import DicomSeries, choose_series
 from .errors import VolumeError
-from .file_integrity import check_complete
+from .file_integrity import check_complete, is_gzip
 from .volume import Volume, volume_from_sitk
 
 READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -154,7 +154,7 @@ def nifti_nonfinite_codes(path: str | os.PathLike, chunk_voxels: int = 1 << 24) 
     import struct
 
     path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.endswith(".gz") and is_gzip(path) else open  # ITK also reads a plain file named .gz
     with opener(path, "rb") as handle:
         head = handle.read(540)
         for order in "<>":

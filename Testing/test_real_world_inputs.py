@@ -285,6 +285,13 @@ def test_cut_short_nifti_nrrd_and_metaimage_are_refused(tmp_path, name, compress
         load_volume(path)
 
 
+def test_an_uncompressed_nifti_named_nii_gz_still_loads(tmp_path):
+    """zlib's gzopen (ITK's reader) reads a plain file named .gz; the completeness check must not refuse it."""
+    sitk.WriteImage(_random_image(), str(tmp_path / "plain.nii"))
+    (tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    assert load_volume(tmp_path / "plain.nii.gz").shape == (30, 40, 40)
+
+
 def test_a_detached_data_file_that_is_missing_is_named(tmp_path):
     path = tmp_path / "scan.mhd"
     sitk.WriteImage(_random_image(), str(path))
