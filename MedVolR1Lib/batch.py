@@ -2,15 +2,17 @@
 
 Manifest (CSV, header required): `name` (the row's output folder), `scan` (file, DICOM folder, M3D-Seg case
 folder or 'sample'; relative paths are taken from the manifest's folder), then either `query` or `anchor`
-(``K:x1,y1,x2,y2[;...]`` as --anchor), optional `box_units` (pixels | voxels, default pixels) and `target`
-(segment name for anchor rows).  Full description: docs/batch.md.
+(``K:x1,y1,x2,y2[;...]`` as --anchor), optional `box_units` (pixels | voxels, default pixels), `target`
+(segment name for anchor rows) and `series` (the Series Instance UID to read from a DICOM folder holding
+several series).  Full description: docs/batch.md.
 
 - Rows are grouped by scan: each scan is read once and the propagator's per-volume feature cache serves every
   row on it (one Pipeline for the whole batch).
 - Resume: a row is finished when its evidence.json records the same row hash (row content + the settings that
   change a mask) and the same scan sha256; finished rows are skipped without loading anything.
 - A failing row gets one line in failures.csv and the batch goes on; `run_batch` reports the count and the CLI
-  exits with 1 when any row failed.
+  exits with 1 when any row failed.  A row whose result was written but one output format was not (e.g. a
+  DICOM SEG the source series cannot carry) is such a failure too, and is redone on the next run.
 - Several processes (``torchrun`` / ``accelerate launch``): each reads RANK and WORLD_SIZE, takes whole scan
   groups (balanced by row count, the same split on every rank), writes only its own row folders and its own
   ``failures.rank{N}.csv``; `read_failures` merges them.  No locks and no shared files; at the very end the
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .errors import DataError, MedVolR1Error
+from .errors import DataError, MedVolR1Error, one_line
 from .hashing import file_sha256
 from .volume import atomic_write
 
@@ -51,10 +53,12 @@ class BatchRow:
     anchor: str = ""
     box_units: str = "pixels"
     target: str = ""
+    series: str = ""  # Series Instance UID within a DICOM folder; empty: the folder's only series
 
     def content(self) -> dict:
-        return {"name": self.name, "scan": self.scan, "query": self.query, "anchor": self.anchor,
-                "box_units": self.box_units, "target": self.target}
+        content = {"name": self.name, "scan": self.scan, "query": self.query, "anchor": self.anchor,
+                   "box_units": self.box_units, "target": self.target}
+        return {**content, "series": self.series} if self.series else content  # rows without one keep their hash
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def read_manifest(path: str | os.PathLike) -> list[BatchRow]:
             scan = value["scan"]
             scan_path = scan if scan in ("", SAMPLE) else str((path.parent / scan) if not Path(scan).is_absolute() else Path(scan))
             rows.append(BatchRow(line, name, scan, scan_path, value.get("query", ""), value.get("anchor", ""),
-                                 value.get("box_units", "") or "pixels", value.get("target", "")))
+                                 value.get("box_units", "") or "pixels", value.get("target", ""), value.get("series", "")))
     if not rows:
         raise DataError(f"{path}: the manifest has no rows")
     return rows
@@ -129,10 +133,10 @@ def launcher_rank() -> tuple[int, int]:
 
 
 def group_by_scan(rows: Sequence[BatchRow]) -> list[list[BatchRow]]:
-    """Rows grouped by scan, groups in order of first appearance, rows in manifest order."""
-    groups: dict[str, list[BatchRow]] = {}
+    """Rows grouped by scan (and series within a DICOM folder), groups in order of first appearance, rows in manifest order."""
+    groups: dict[tuple[str, str], list[BatchRow]] = {}
     for row in rows:
-        groups.setdefault(row.scan_path, []).append(row)
+        groups.setdefault((row.scan_path, row.series), []).append(row)
     return list(groups.values())
 
 
@@ -187,6 +191,8 @@ def finished_record(folder: Path) -> Optional[dict]:
         mask_file = (record.get("mask") or {}).get("file")
         if mask_file and not (folder / mask_file).is_file():
             return None
+        if (record.get("outputs") or {}).get("failed"):  # an output format was missing: the row is redone
+            return None
         return dict(record["provenance"]["batch"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -228,13 +234,6 @@ def read_failures(out_dir: str | os.PathLike) -> list[dict]:
                     continue
                 merged[entry["name"]] = entry
     return sorted(merged.values(), key=lambda e: int(e.get("line") or 0))
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    if isinstance(exc, (MedVolR1Error, ValueError, OSError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _bind_local_gpu(device: str) -> None:
@@ -347,7 +346,7 @@ def run_batch(
         notify(row, "failed")
 
     # What is left to do: hash each scan once, compare with each row's evidence.json.
-    work: list[tuple[str, str, list[tuple[BatchRow, str]]]] = []
+    work: list[tuple[str, str, str, list[tuple[BatchRow, str]]]] = []
     for group in groups:
         scan_path = group[0].scan_path
         try:
@@ -373,15 +372,15 @@ def run_batch(
             else:
                 pending.append((row, row_hash))
         if pending:
-            work.append((scan_path, scan_hash, pending))
+            work.append((scan_path, group[0].series, scan_hash, pending))
 
-    total = sum(len(p) for _, _, p in work)
+    total = sum(len(p) for *_, p in work)
     label = "batch" if world_size == 1 else f"batch rank {rank}"
     with tqdm(total=total, desc=label, unit="row", position=rank if world_size > 1 else 0, file=sys.stderr,
               disable=not show_progress or total == 0, dynamic_ncols=True) as bar:
-        for scan_path, scan_hash, pending in work:
+        for scan_path, series, scan_hash, pending in work:
             try:
-                volume = load_volume(scan_path, modality=modality, fill_nonfinite=fill_nonfinite)
+                volume = load_volume(scan_path, modality=modality, fill_nonfinite=fill_nonfinite, series_uid=series or None)
             except MedVolR1Error as exc:
                 for row, row_hash in pending:
                     fail(row, exc, row_hash)

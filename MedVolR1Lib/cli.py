@@ -1,7 +1,8 @@
 """`medvolr1` command line: fetch the sample CT, derive VRS samples, propagate an anchor, segment a query.
 
-Every long step shows a progress bar; every known failure ends with one clear line and exit code 2,
-and outputs are written whole or not at all (see outputs.py).
+Every long step shows a progress bar; every known failure ends with one clear line and exit code 2.
+Each output file is written whole or not at all (see outputs.py); when the result was saved but an output
+format could not be written, one line names it and the exit code is 3 (OUTPUT_MISSING).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 SAMPLE = "sample"
+OUTPUT_MISSING = 3  # exit code: the result was written, but an output format is missing (docs/outputs.md)
 
 
 class _Bar:
@@ -32,14 +34,17 @@ class _Bar:
         self._bar.close()
 
 
-def _load(volume_arg: str, modality: Optional[str] = None, fill_nonfinite: bool = False):
+def _load(volume_arg: str, modality: Optional[str] = None, fill_nonfinite: bool = False, series: Optional[str] = None):
     from .readers import load_volume
 
     if volume_arg == SAMPLE:
         from .sample_data import fetch_sample
 
         volume_arg = fetch_sample(progress=_Bar("sample CT")).ct_path
-    return load_volume(volume_arg, modality=modality, fill_nonfinite=fill_nonfinite)
+    volume = load_volume(volume_arg, modality=modality, fill_nonfinite=fill_nonfinite, series_uid=series)
+    for statement in getattr(volume.dicom_series, "statements", ()):  # what the series check regularised
+        print(f"note: {statement}", file=sys.stderr)
+    return volume
 
 
 def _parse_box(text: str) -> tuple[float, float, float, float]:
@@ -105,7 +110,12 @@ def _finish(result, args, provenance: dict, scores: Optional[dict]) -> None:
     provenance = {**provenance, "input_adjustments": input_adjustments(result)}
     if scores:
         provenance["reference_scores"] = scores
-    written = write_outputs(result, args.out, provenance, image_size=args.image_size, formats=args.formats)
+    from .errors import OutputsIncomplete
+
+    try:
+        written, missing = write_outputs(result, args.out, provenance, image_size=args.image_size, formats=args.formats), None
+    except OutputsIncomplete as exc:  # the result is saved; say so, then the one-line error and exit code 3
+        written, missing = exc.written, exc
     summary = {
         "key_slice": result.anchor.slice_index,
         "boxes_voxels": [b.as_list() for b in result.anchor.boxes],
@@ -116,6 +126,8 @@ def _finish(result, args, provenance: dict, scores: Optional[dict]) -> None:
         "outputs": {k: str(v) for k, v in written.items()},
     }
     print(json.dumps(summary, indent=2))
+    if missing is not None:
+        raise missing
 
 
 def cmd_fetch_sample(args) -> int:
@@ -135,7 +147,7 @@ def cmd_propagate(args) -> int:
     from .user_input import require_boxes_in_image, require_inside_volume
     from .views import ViewGeometry
 
-    volume = _load(args.volume, args.modality, args.fill_nonfinite)
+    volume = _load(args.volume, args.modality, args.fill_nonfinite, args.series)
     geometry = ViewGeometry.for_volume(volume, args.image_size)
     if (args.slice is None) != (not args.box):
         raise ValueError("--slice and --box go together (the one-anchor shorthand); or use --anchor K:x1,y1,x2,y2")
@@ -170,7 +182,7 @@ def cmd_propagate(args) -> int:
 def cmd_segment(args) -> int:
     from .pipeline import Pipeline
 
-    volume = _load(args.volume, args.modality, args.fill_nonfinite)
+    volume = _load(args.volume, args.modality, args.fill_nonfinite, args.series)
     bar = _Bar("segmenting")
     if args.server:
         from .service.commands import remote_segment
@@ -206,6 +218,8 @@ def cmd_batch(args) -> int:
 
     if args.reference or args.label:
         raise ValueError("--reference/--label score one scan; they are not available in batch")
+    if args.series:
+        raise ValueError("--series chooses the series of one scan; in batch, give it in the manifest's `series` column")
     summary = run_batch(args.manifest, args.out, _config(args), fill_nonfinite=args.fill_nonfinite, modality=args.modality,
                         formats=args.formats)
     _print_whole_line(json.dumps({"rank": summary.rank, "world_size": summary.world_size, "rows": summary.rows, "written": summary.written,
@@ -260,6 +274,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, outputs: bool = True) -> N
     if not outputs:
         return
     parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")
+    parser.add_argument("--series", help="Series Instance UID to read from a DICOM folder holding several series (docs/dicom_input.md)")
     parser.add_argument("--reference", help="label map on the same grid to score the mask against ('sample' for the sample CT's labels)")
     parser.add_argument("--label", type=int, action="append", default=[], help="label value(s) of the target in --reference")
     parser.add_argument("--fill-nonfinite", action="store_true",
@@ -344,11 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .errors import MedVolR1Error
+    from .errors import MedVolR1Error, OutputsIncomplete
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except OutputsIncomplete as exc:
+        print(f"medvolr1 {args.command}: output missing: {exc}", file=sys.stderr)
+        return OUTPUT_MISSING
     except (MedVolR1Error, ValueError) as exc:
         print(f"medvolr1 {args.command}: error: {exc}", file=sys.stderr)
         raw = getattr(exc, "raw_text", None)

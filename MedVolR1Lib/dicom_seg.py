@@ -66,37 +66,67 @@ def is_single_dicom_file(volume: Volume) -> bool:
     return path is not None and path.is_file() and path.suffix.lower() == ".dcm"
 
 
-def _read_headers(folder: Path) -> list:
+def _read_headers(files: Sequence[Path]) -> list:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     headers = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+    for path in files:
         try:
             dataset = pydicom.dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError):
+        except InvalidDicomError:
+            dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # no preamble: read as the volume reader did
+        except OSError:
             continue  # not DICOM (a README, a thumbnail): the series reader skips it too
         if "ImagePositionPatient" in dataset and "SeriesInstanceUID" in dataset:
             headers.append(dataset)
     return headers
 
 
+def _identify(dataset, path: Path) -> None:
+    """Fill an empty SOP Class / Instance UID from the file meta (as anonymisers and exports leave them), or refuse.
+
+    Why: highdicom finds the source's modules by its SOP Class; an empty one ended the whole run with
+    `KeyError: ''`.  The File Meta Information's Media Storage SOP Class/Instance UID name the same thing.
+    """
+    try:  # a private helper of highdicom (its module moved between versions); without it, highdicom itself checks
+        from highdicom._standard_utils import get_sop_class_iod_map
+    except ImportError:
+        get_sop_class_iod_map = None
+
+    meta = getattr(dataset, "file_meta", None)
+    for own, stored in (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if not str(dataset.get(own, "") or "").strip():
+            value = str(getattr(meta, stored, "") or "").strip() if meta is not None else ""
+            if not value:
+                raise DataError(f"{path.name}: no {own} in the instance nor in its file meta; a DICOM SEG cannot reference it")
+            setattr(dataset, own, value)
+    if get_sop_class_iod_map is not None and str(dataset.SOPClassUID) not in get_sop_class_iod_map():
+        raise DataError(f"{path.name}: SOP Class {dataset.SOPClassUID} is not an image storage class a DICOM SEG can reference")
+
+
 def source_series(volume: Volume) -> list:
     """The source series' instances (headers), one per source slice, in the source file's k order.
 
-    Each instance is matched to a slice by its Image Position (Patient) on the scan's grid, so the
-    frames written for slice k lie exactly where the viewer draws instance k.  An empty Slice
-    Thickness is set (in memory only) to the slice spacing, which the SEG's pixel measures need.
+    The instances are those the volume was read from (`volume.dicom_series`, the chosen and checked
+    series).  Each is matched to a slice by its Image Position (Patient) on the scan's grid, so the
+    frames written for slice k lie exactly where the viewer draws instance k.  An empty Slice Thickness
+    is set (in memory only) to the slice spacing, which the SEG's pixel measures need; an empty SOP
+    Class or Instance UID is taken from the file meta.
     """
     folder = source_path(volume)
     if folder is None or not folder.is_dir():
         raise VolumeError(f"{folder}: a DICOM SEG needs the source DICOM series folder; this scan was not read from one")
-    by_series: dict[str, list] = {}
-    for dataset in _read_headers(folder):
-        by_series.setdefault(str(dataset.SeriesInstanceUID), []).append(dataset)
-    if not by_series:
+    series = getattr(volume, "dicom_series", None)
+    if series is None:  # a Volume built elsewhere from a folder: the folder must hold exactly one series
+        from .dicom_input import choose_series
+
+        series = choose_series(folder)
+    instances = _read_headers([Path(f) for f in series.files])
+    if not instances:
         raise VolumeError(f"{folder}: no DICOM image instances found")
-    instances = max(by_series.values(), key=len)  # the series the volume reader chose: the largest
+    for dataset in instances:
+        _identify(dataset, Path(dataset.filename))
     to_voxel = np.linalg.inv(source_ijk_to_lps(volume))
     depth = volume.source.shape_kji[0] if volume.source else volume.shape[0]
     placed: dict[int, object] = {}

@@ -27,3 +27,23 @@ class DataError(MedVolR1Error):
 
 class Cancelled(MedVolR1Error):
     """Raised from a progress callback to stop long work cleanly."""
+
+
+class OutputsIncomplete(MedVolR1Error):
+    """The result was computed and saved, but some output format could not be written (CLI exit code 3).
+
+    `written` maps file names to paths; `failures` lists (format, file, one-line reason) for each missing one.
+    """
+
+    def __init__(self, out_dir, written: dict, failures: list):
+        self.out_dir, self.written, self.failures = out_dir, dict(written), list(failures)
+        missing = "; ".join(f"{fmt} ({name}) not written: {reason}" for fmt, name, reason in self.failures)
+        super().__init__(f"{missing} (written in {out_dir}: {', '.join(self.written) or 'nothing'})")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: our own and OS errors by their message, anything else with its type."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (MedVolR1Error, ValueError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -7,7 +7,8 @@ source series; with a placeholder `dicom_source/` series when the input is not D
 (anchor in rendered pixels, source-file voxels and RAS mm, reasoning, models with hashes, package
 versions, timings, statistics, the files written).  Files are staged in a hidden folder and moved in
 at the end (evidence.json last), so an interrupted run never leaves a half-written result that looks
-complete.
+complete.  Each file is written on its own: one that cannot be written (a SEG the source series cannot
+carry) costs only itself; the rest are written, evidence.json names it, and OutputsIncomplete says so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .anchor import box_ras_bounds
+from .errors import OutputsIncomplete, one_line
 from .hashing import file_sha256
 from .pipeline import SegmentationResult
 from .statistics import key_slice_z_mm
@@ -110,6 +112,7 @@ def evidence_record(result: SegmentationResult, geometry: ViewGeometry, provenan
             "shape_kji": list(volume.shape),
             "spacing_mm": list(volume.spacing),
             "modality": volume.modality,
+            "dicom_series": volume.dicom_series.to_record() if getattr(volume, "dicom_series", None) else None,
         },
         "key_slice": {
             "canonical_k": int(anchor.slice_index),
@@ -235,6 +238,25 @@ def _publish(staging: Path, out: Path, names: Sequence[str]) -> dict[str, Path]:
     return written
 
 
+def _attempt(failures: list, fmt: str, staging: Path, names: Sequence[str], write) -> bool:
+    """Run one format's writer; on any error remove what it staged, record (format, file, one-line reason), go on.
+
+    Why: a result must never be lost to an optional output (a SEG writer refusing a vendor's series, a
+    full disk for the PNG): the other formats are still written and the caller is told what is missing.
+    """
+    try:
+        write()
+        return True
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every writer failure is reported, none ends the run
+        for name in names:
+            target = staging / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        failures.append((fmt, names[0], one_line(exc)))
+        return False
+
+
 def write_outputs(
     result: SegmentationResult,
     out_dir: str | os.PathLike,
@@ -242,7 +264,12 @@ def write_outputs(
     image_size: int = 448,
     formats: Optional[Sequence[str]] = None,
 ) -> dict[str, Path]:
-    """Write the chosen formats, statistics.csv, evidence.png and evidence.json into `out_dir`, whole or not at all."""
+    """Write the chosen formats, statistics.csv, evidence.png and evidence.json into `out_dir`.
+
+    Each file is written on its own (staged, then moved in); one that fails leaves the others written and
+    is named, with its reason, in evidence.json (`outputs.failed`) and in the OutputsIncomplete raised at
+    the end.  Nothing of a previous run is left beside a new result.
+    """
     from .seg_nrrd import write_seg_nrrd
     from .segment_codes import term_for_target
     from .statistics import segment_statistics, statistics_csv
@@ -256,29 +283,45 @@ def write_outputs(
     term = term_for_target(result.target_name)
     stats = segment_statistics(result.volume, result.mask, term.label, result.anchor.slice_index)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    failures: list[tuple[str, str, str]] = []  # (format, file, one-line reason)
     try:
         record = evidence_record(result, geometry, provenance or {})
         record["segment"] = term_record(term)
         record["statistics"] = [stats.to_dict()]
         names: list[str] = []
-        if "nifti" in formats:
-            save_mask(result.mask, result.volume, staging / FILES["nifti"])
+        if "nifti" in formats and _attempt(failures, "nifti", staging, [FILES["nifti"]],
+                                           lambda: save_mask(result.mask, result.volume, staging / FILES["nifti"])):
             names.append(FILES["nifti"])
-        if "seg-nrrd" in formats:
-            write_seg_nrrd(result.volume, [result.mask], [term], staging / FILES["seg-nrrd"])
+        if "seg-nrrd" in formats and _attempt(failures, "seg-nrrd", staging, [FILES["seg-nrrd"]],
+                                              lambda: write_seg_nrrd(result.volume, [result.mask], [term], staging / FILES["seg-nrrd"])):
             names.append(FILES["seg-nrrd"])
         if "dicom-seg" in formats:
-            record["dicom_seg"], seg_files = _write_dicom_seg(result, record, term, staging)
-            names.extend(seg_files)
-        (staging / "statistics.csv").write_text(statistics_csv([stats]))
-        evidence_png(result, geometry, staging / "evidence.png")
-        record["mask"]["file"] = FILES["nifti"] if "nifti" in formats else None
+            seg: dict = {}
+
+            def dicom_seg() -> None:
+                seg["info"], seg["files"] = _write_dicom_seg(result, record, term, staging)
+
+            if _attempt(failures, "dicom-seg", staging, [FILES["dicom-seg"], PLACEHOLDER_SOURCE], dicom_seg):
+                record["dicom_seg"] = seg["info"]
+                names.extend(seg["files"])
+        if _attempt(failures, "statistics", staging, ["statistics.csv"],
+                    lambda: (staging / "statistics.csv").write_text(statistics_csv([stats]))):
+            names.append("statistics.csv")
+        if _attempt(failures, "evidence-png", staging, ["evidence.png"], lambda: evidence_png(result, geometry, staging / "evidence.png")):
+            names.append("evidence.png")
+        record["mask"]["file"] = FILES["nifti"] if FILES["nifti"] in names else None
         record["outputs"] = {
             "formats": list(formats),
-            "files": names + list(ALWAYS),
-            "sha256": {n: file_sha256(staging / n) for n in names + ["statistics.csv", "evidence.png"] if (staging / n).is_file()},
+            "files": names + ["evidence.json"],
+            "failed": [{"format": fmt, "file": name, "reason": reason} for fmt, name, reason in failures],
+            "sha256": {n: file_sha256(staging / n) for n in names if (staging / n).is_file()},
         }
-        (staging / "evidence.json").write_text(json.dumps(record, indent=2))
-        return _publish(staging, out, names + list(ALWAYS))
+        if _attempt(failures, "evidence-json", staging, ["evidence.json"],
+                    lambda: (staging / "evidence.json").write_text(json.dumps(record, indent=2))):
+            names.append("evidence.json")
+        written = _publish(staging, out, names)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if failures:
+        raise OutputsIncomplete(out, {name: path for name, path in written.items()}, failures)
+    return written

@@ -18,7 +18,9 @@ from typing import Optional
 
 import numpy as np
 
+from .dicom_input import DicomSeries, choose_series
 from .errors import VolumeError
+from .file_integrity import check_complete, is_gzip
 from .volume import Volume, volume_from_sitk
 
 READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -57,6 +59,14 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _unreadable(path: Path, exc: Exception) -> VolumeError:
+    """One line for a file SimpleITK cannot read; a DICOM file that holds no image says what it is instead."""
+    from .dicom_input import not_an_image
+
+    kind = not_an_image(path) if path.is_file() else None
+    return VolumeError(f"{path}: {kind}" if kind else f"{path}: cannot read as a medical image ({_first_line(exc)})")
+
+
 def _sitk_bytes_per_voxel(reader) -> int:
     """Bytes per voxel of the pixel type an ImageFileReader reported (e.g. '16-bit signed integer')."""
     import SimpleITK as sitk
@@ -67,19 +77,8 @@ def _sitk_bytes_per_voxel(reader) -> int:
     return max(1, bits // 8) * max(1, int(reader.GetNumberOfComponents()))
 
 
-def _dicom_series_files(folder: Path) -> list[str]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder)) or ()
-    if not series:
-        raise VolumeError(f"{folder}: folder holds no DICOM series")
-    files_per_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
-    return list(files_per_series[max(files_per_series, key=lambda sid: len(files_per_series[sid]))])
-
-
-def estimate_load(path: str | os.PathLike) -> LoadEstimate:
-    """Header-only size of a scan (no voxel is read)."""
+def estimate_load(path: str | os.PathLike, series: Optional[DicomSeries] = None) -> LoadEstimate:
+    """Header-only size of a scan (no voxel is read); `series`: the DICOM series chosen in a folder."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -89,7 +88,9 @@ def estimate_load(path: str | os.PathLike) -> LoadEstimate:
             array = np.load(path / "image.npy" if path.is_dir() else path, mmap_mode="r", allow_pickle=False)
             return LoadEstimate(tuple(int(n) for n in array.shape), int(array.dtype.itemsize))
         reader = sitk.ImageFileReader()
-        files = _dicom_series_files(path) if kind == "dicom" else [str(path)]
+        if kind == "dicom" and series is None:
+            series = choose_series(path)
+        files = list(series.files) if kind == "dicom" else [str(path)]
         reader.SetFileName(files[0])
         reader.ReadImageInformation()
         size = tuple(int(n) for n in reader.GetSize())
@@ -99,7 +100,7 @@ def estimate_load(path: str | os.PathLike) -> LoadEstimate:
     except VolumeError:
         raise
     except Exception as exc:  # SimpleITK raises RuntimeError with a long ITK trace; numpy ValueError
-        raise VolumeError(f"{path}: cannot read as a medical image ({_first_line(exc)})") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def parse_bytes(text: str) -> int:
@@ -128,9 +129,10 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def check_fits_in_memory(path: str | os.PathLike, available: Optional[int] = None) -> LoadEstimate:
+def check_fits_in_memory(path: str | os.PathLike, available: Optional[int] = None,
+                         series: Optional[DicomSeries] = None) -> LoadEstimate:
     """Raise VolumeError stating the estimate when loading `path` would not fit in memory."""
-    estimate = estimate_load(path)
+    estimate = estimate_load(path, series)
     available = available_memory_bytes() if available is None else int(available)
     if estimate.bytes > available:
         shape = "x".join(str(n) for n in estimate.shape_xyz)
@@ -152,7 +154,7 @@ def nifti_nonfinite_codes(path: str | os.PathLike, chunk_voxels: int = 1 << 24) 
     import struct
 
     path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.endswith(".gz") and is_gzip(path) else open  # ITK also reads a plain file named .gz
     with opener(path, "rb") as handle:
         head = handle.read(540)
         for order in "<>":
@@ -225,34 +227,43 @@ def load_volume(
     modality: Optional[str] = None,
     fill_nonfinite: bool = False,
     available_memory: Optional[int] = None,
+    series_uid: Optional[str] = None,
 ) -> Volume:
     """Read a NIfTI / NRRD / MHA file, a DICOM series folder or an M3D-Seg case folder.
 
-    Refused with a one-line VolumeError: a missing or unreadable path, a scan that would not fit in memory
-    (checked from the header first), an oblique grid, NaN/Inf voxels unless `fill_nonfinite`.
+    Refused with a one-line VolumeError: a missing or unreadable path, a file whose data is shorter than
+    its header declares, a DICOM folder with several series and no `series_uid`, a series with a gap, an
+    uneven spacing or a tilt (dicom_input.py), a scan that would not fit in memory (checked from the
+    header first), an oblique grid, NaN/Inf voxels unless `fill_nonfinite`.
     """
     import SimpleITK as sitk
 
     path = Path(path)
     _check_path(path)
-    check_fits_in_memory(path, available_memory)
     kind = scan_kind(path)
+    if series_uid and kind != "dicom":
+        raise VolumeError(f"{path}: --series chooses a series in a DICOM folder; this is not one")
+    series = choose_series(path, series_uid) if kind == "dicom" else None
+    check_fits_in_memory(path, available_memory, series)
     if kind == "m3d":
         from .m3d import load_m3d_image
 
         return load_m3d_image(path if path.is_dir() else path.parent)
     try:
-        if kind == "dicom":
+        if series is not None:
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(_dicom_series_files(path))
+            reader.SetFileNames(list(series.files))
             image = reader.Execute()
         else:
+            check_complete(path)
             image = _restore_nonfinite(sitk.ReadImage(str(path)), path)
     except VolumeError:
         raise
     except Exception as exc:
-        raise VolumeError(f"{path}: cannot read as a medical image ({_first_line(exc)})") from exc
-    return volume_from_sitk(image, path=str(path), modality=modality, fill_nonfinite_voxels=fill_nonfinite)
+        raise _unreadable(path, exc) from exc
+    volume = volume_from_sitk(image, path=str(path), modality=modality, fill_nonfinite_voxels=fill_nonfinite)
+    volume.dicom_series = series
+    return volume
 
 
 def load_label_map(path: str | os.PathLike, volume: Volume) -> np.ndarray:

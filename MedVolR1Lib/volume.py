@@ -19,11 +19,14 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from .errors import VolumeError
+
+if TYPE_CHECKING:
+    from .dicom_input import DicomSeries
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Canonical axis c points toward these RAS directions: i -> Left (-x), j -> Posterior (-y), k -> Superior (+z).
@@ -89,6 +92,8 @@ class Volume:
     source: Optional[SourceGeometry] = None
     # What was changed on reading, for evidence.json (e.g. {"nonfinite_filled": {...}}); empty when nothing.
     adjustments: dict = field(default_factory=dict)
+    # The DICOM series read (identity, files in slice order, what was regularised); None for other inputs.
+    dicom_series: Optional["DicomSeries"] = None
     _fingerprint: Optional[str] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicom_series import write_dicom_series
+from dicom_series import seg_frames_on_grid as _frames_on_grid, write_dicom_series
 from MedVolR1Lib import cli, outputs
 from MedVolR1Lib.anchor import EvidenceAnchor
 from MedVolR1Lib.hashing import file_sha256
@@ -62,25 +62,6 @@ def written_case(dicom_case):
     record = json.loads((out / "evidence.json").read_text())
     mask_image = sitk.ReadImage(str(out / "mask.nii.gz"))
     return {"out": out, "record": record, "mask_image": mask_image, "mask": sitk.GetArrayFromImage(mask_image)}
-
-
-def _frames_on_grid(seg, image: sitk.Image) -> np.ndarray:
-    """Every SEG frame placed at its own Image Position (Patient) on `image`'s grid (source k, j, i order)."""
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    orientation = np.asarray(shared.PlaneOrientationSequence[0].ImageOrientationPatient, dtype=float)
-    row_spacing, col_spacing = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
-    direction = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
-    to_index = np.linalg.inv(direction)
-    rows, cols = np.meshgrid(np.arange(seg.Rows), np.arange(seg.Columns), indexing="ij")
-    placed = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
-    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), seg.Rows, seg.Columns)
-    for frame, group in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
-        origin = np.asarray(group.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
-        points = origin + cols[..., None] * col_spacing * orientation[:3] + rows[..., None] * row_spacing * orientation[3:]
-        ijk = np.rint((points - np.asarray(image.GetOrigin())) @ to_index.T).astype(int)
-        assert (ijk >= 0).all() and (ijk < np.asarray(image.GetSize())).all()
-        placed[ijk[..., 2], ijk[..., 1], ijk[..., 0]] |= frame.astype(np.uint8)
-    return placed
 
 
 def test_default_formats_for_a_dicom_input(written_case):
@@ -276,17 +257,20 @@ def test_segment_terms_use_pydicom_snomed_codes_and_fall_back_to_tissue():
     assert unknown.key is None and unknown.type == codes.SCT.Tissue and unknown.label == "the odd thing near the hilum"
 
 
-def test_a_series_that_no_longer_matches_the_scan_writes_nothing(dicom_case, tmp_path):
-    from MedVolR1Lib.errors import DataError
+def test_a_series_that_no_longer_matches_the_scan_loses_only_the_seg(dicom_case, tmp_path):
+    from MedVolR1Lib.errors import OutputsIncomplete
 
     folder = tmp_path / "series"
     shutil.copytree(dicom_case["series"], folder)
     volume = load_volume(folder)
     (folder / "slice005.dcm").unlink()  # the folder changed after the scan was read
     result = _reference_result(volume, dicom_case["truth"], "right kidney")
-    with pytest.raises(DataError, match="23 instances for 24 slices"):
+    with pytest.raises(OutputsIncomplete, match=r"dicom-seg \(segmentation.dcm\) not written: .*23 instances for 24 slices") as caught:
         outputs.write_outputs(result, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == sorted(caught.value.written) == ["evidence.json", "evidence.png", "mask.nii.gz", "segmentation.seg.nrrd", "statistics.csv"]
+    failed = json.loads((tmp_path / "out" / "evidence.json").read_text())["outputs"]["failed"]
+    assert [(f["format"], f["file"]) for f in failed] == [("dicom-seg", "segmentation.dcm")] and "23 instances" in failed[0]["reason"]
 
 
 def test_placeholder_series_of_a_float_mr_keeps_values_within_one_step(tmp_path):

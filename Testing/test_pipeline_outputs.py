@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from MedVolR1Lib import outputs
 from MedVolR1Lib.anchor import EvidenceAnchor, VoxelBox
-from MedVolR1Lib.errors import AnchorError
+from MedVolR1Lib.errors import AnchorError, OutputsIncomplete
 from MedVolR1Lib.pipeline import Pipeline, PipelineConfig, target_name_from_query
 from MedVolR1Lib.readers import load_volume
 
@@ -96,7 +96,7 @@ def test_output_mask_lies_on_the_input_grid(variant, micro_sam2, crop_paths, tmp
     np.testing.assert_allclose((-lps[0], -lps[1], lps[2]), expected, atol=1e-3)
 
 
-def test_failed_write_leaves_nothing(micro_sam2, crop_paths, tmp_path, monkeypatch):
+def test_a_failed_output_leaves_the_others_written(micro_sam2, crop_paths, tmp_path, monkeypatch):
     pipeline = _pipeline(micro_sam2)
     volume = load_volume(crop_paths["ras"])
     result = pipeline.propagate(volume, EvidenceAnchor(10, (VoxelBox(20, 40, 60, 80),)))
@@ -105,9 +105,12 @@ def test_failed_write_leaves_nothing(micro_sam2, crop_paths, tmp_path, monkeypat
         raise OSError("No space left on device")
 
     monkeypatch.setattr(outputs, "evidence_png", disk_full)  # fault injection after the mask was staged
-    with pytest.raises(OSError):
+    with pytest.raises(OutputsIncomplete, match=r"evidence-png \(evidence.png\) not written: No space left on device"):
         outputs.write_outputs(result, tmp_path / "out")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["evidence.json", "mask.nii.gz", "segmentation.seg.nrrd", "statistics.csv"]
+    record = json.loads((tmp_path / "out" / "evidence.json").read_text())
+    assert record["outputs"]["failed"] == [{"format": "evidence-png", "file": "evidence.png", "reason": "No space left on device"}]
+    assert "evidence.png" not in record["outputs"]["files"]
 
 
 def test_bad_anchor_is_refused_before_any_work(micro_sam2, crop_paths):
