@@ -1,7 +1,8 @@
 """`python -m MedVolR1Lib.service.worker`: the model worker process the Slicer module starts and keeps warm.
 
 Reads request frames on stdin, writes progress and reply frames on stdout, one request at a time, until
-stdin closes.  The real stdout is kept for frames only; anything a library prints goes to stderr.
+stdin closes.  Between requests it pre-encodes the volume the panel is showing (engine.background_step), one
+slice at a time, checking for a request after each.  The real stdout is kept for frames only; anything a library prints goes to stderr.
 Heavy imports (torch, transformers) happen on the first model request, after the request is read, so
 the client never blocks writing to a worker that is still starting.
 """
@@ -9,9 +10,10 @@ the client never blocks writing to a worker that is still starting.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Optional
 
 
 def _frame_output() -> BinaryIO:
@@ -43,16 +45,39 @@ class _ThrottledProgress:
             _write(self._out, to_frame(Progress(float(fraction), str(message))))
 
 
-def serve_pipes(inp: int, out: BinaryIO) -> int:
+def _read_now(inp: int) -> Optional[bytes]:
+    """The bytes waiting on `inp` (b"" at end of input), or None when nothing is there yet; never blocks."""
+    try:
+        readable, _, _ = select.select([inp], [], [], 0)
+    except (OSError, ValueError):  # Windows: select() takes sockets only; read the pipe non-blocking instead
+        os.set_blocking(inp, False)
+        try:
+            return os.read(inp, 1 << 20)
+        except BlockingIOError:
+            return None
+        finally:
+            os.set_blocking(inp, True)
+    return os.read(inp, 1 << 20) if readable else None
+
+
+def serve_pipes(inp: int, out: BinaryIO, engine=None) -> int:
+    """Answer requests in order; between them, while the engine has background work (pre-encoding), do it one
+    slice at a time and look for a request after each slice, so a request waits for at most one slice."""
     from .engine import Engine
     from .framing import FrameReader, ProtocolError
     from .protocol import REQUESTS, error_reply, from_frame, to_frame
 
-    engine = Engine()
+    engine = engine if engine is not None else Engine(background=True)
     reader = FrameReader()
     progress = _ThrottledProgress(out)
     while True:
-        data = os.read(inp, 1 << 20)
+        if engine.background_pending() and not reader.partial:  # a half-read frame: its rest is on the way
+            data = _read_now(inp)
+            if data is None:
+                engine.background_step()
+                continue
+        else:
+            data = os.read(inp, 1 << 20)
         if not data:
             return 0
         try:
