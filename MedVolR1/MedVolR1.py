@@ -52,6 +52,7 @@ from MedVolR1SlicerGlue import evidence_edits  # noqa: E402
 from MedVolR1SlicerGlue import model_source  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
 from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
+from MedVolR1SlicerGlue.preencode import BackgroundEncoding  # noqa: E402
 from MedVolR1SlicerGlue.session import EvidenceSession, Outcome, default_pipeline_factory  # noqa: E402
 from MedVolR1SlicerGlue.settings import (  # noqa: E402
     DEVICE_CHOICES,
@@ -65,6 +66,7 @@ from MedVolR1SlicerGlue.settings import (  # noqa: E402
 
 EDIT_DEBOUNCE_MS = 400
 POLL_INTERVAL_MS = 100
+PREENCODE_POLL_MS = 250
 
 
 #
@@ -148,6 +150,9 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._watcher = None
         self._pollTimer = None
         self._syncingCombos = False
+        self._preencode = None
+        self._preencodeTimer = None
+        self._preencodeInput = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -192,9 +197,12 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverTokenBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.serverTokenLineEdit, folder=False, title=_("Choose the token file")))
         self.ui.pythonBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.pythonLineEdit, folder=False, title=_("Choose a Python interpreter")))
 
+        self._setupPreEncoding()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self._preencodeTimer is not None:
+            self._preencodeTimer.stop()
         self.removeObservers()
         if self.logic is not None:
             self.logic.shutdown()
@@ -213,12 +221,15 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._preencode.close()
         self.logic.session.cancel()
         self._watcher.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         self.logic.resetSession()
+        self._preencode.session = self.logic.session
+        self.logic.session.background = self._preencode
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -305,6 +316,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = not busy and hasVolume
         self.ui.clearLimitButton.enabled = not busy and hasVolume and evidence_edits.extent_limit(node) is not None
         self.ui.extentLabel.text = self.logic.extentText(node) if hasVolume else _("Extent: whole scan")
+        self._followInputVolume(node)
 
     def _refreshEvidenceList(self) -> None:
         """One line per evidence box, with its slice as Slicer shows it; keeps the selection."""
@@ -422,6 +434,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._start("segmentation")
 
     def onCancel(self) -> None:
+        self._preencode.stop()
         self.logic.session.cancel()
         self.ui.statusLabel.text = _("Cancelling...")
 
@@ -512,8 +525,51 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outcome = self.logic.session.poll()
         if outcome is not None:
+            self._preencode.resume()
             self._showOutcome(outcome)
         self._setBusy(self.logic.session.busy)  # a queued re-propagation may have started
+
+    # ----------------------------------------------------------------------------------- background encoding
+    def _setupPreEncoding(self) -> None:
+        """The worker encodes the input volume's slices while the user reads it, nearest the Red view's slice first;
+        a quiet line under the panel says how many are ready."""
+        self._preencode = BackgroundEncoding(self.logic.session, _QtSingleShot())
+        self.logic.session.background = self._preencode
+        self.ui.preencodeLabel = qt.QLabel()
+        self.ui.preencodeLabel.setStyleSheet("color: gray")
+        self.ui.preencodeLabel.toolTip = _("The model worker prepares the scan's slices in the background, nearest "
+                                           "the slice you are looking at first; a Segment on prepared slices is fast")
+        self.layout.addWidget(self.ui.preencodeLabel)
+        redNode = self.logic.redSliceNode()
+        if redNode is not None:
+            self.addObserver(redNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
+        self._preencodeTimer = qt.QTimer()
+        self._preencodeTimer.setInterval(PREENCODE_POLL_MS)
+        self._preencodeTimer.connect("timeout()", self.onPreEncodePoll)
+        self._preencodeTimer.start()
+
+    def _followInputVolume(self, node) -> None:
+        """A new input volume (or new model settings): the worker starts on it; none: the old one is closed."""
+        if self._preencode is None or self._parameterNode is None:
+            return
+        settings = self.logic.settingsFrom(self._parameterNode)
+        if (node, settings) == self._preencodeInput:
+            return
+        self._preencodeInput = (node, settings)
+        if node is None:
+            self._preencode.close()
+            return
+        try:
+            shown = self.logic.currentSlice(mm.volume_from_node(node))[0]
+        except MedVolR1Error:
+            return
+        self._preencode.select(node, settings, shown)
+
+    def onRedSliceModified(self, caller, event) -> None:
+        self._preencode.slice_changed(caller)
+
+    def onPreEncodePoll(self) -> None:
+        self.ui.preencodeLabel.text = self._preencode.poll()
 
     def _showOutcome(self, outcome: Outcome) -> None:
         self.ui.statusLabel.text = outcome.message

@@ -94,6 +94,7 @@ class EvidenceSession:
         # Edits never lost: each result is a version (undo), and only overwrites a segment nobody changed.
         self.history = evidence_edits.VolumeHistory()
         self.guard = SegmentGuard()
+        self.background: Any = None  # preencode.BackgroundEncoding when the panel has one: shares the worker
 
     # ------------------------------------------------------------------------------------------- GUI-thread API
     @property
@@ -174,6 +175,8 @@ class EvidenceSession:
         if self._run is not None:
             raise BusyError("a run is in progress: ask for statistics when it has finished")
         settings = settings or self.settings
+        if self.background is not None:
+            self.background.finish()
         return self.runner.stats(settings, self._config(settings))
 
     # ----------------------------------------------------------------------------------------------- internals
@@ -193,6 +196,8 @@ class EvidenceSession:
         return proto.config_to_dict(_config_of(self._config_factory(settings)))
 
     def _start(self, kind, volume_node, volume, query, request, previous=None) -> Job:
+        if self.background is not None:  # one request at a time per worker: let a pre-encoding request finish
+            self.background.finish()
         job = self.runner.start(self.settings, volume, request, kind)
         self._run = _Run(kind, job, volume_node, volume, query, previous)
         return job
