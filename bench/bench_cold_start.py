@@ -47,10 +47,14 @@ def click_to_mask(ct, evidence, target: str, read_s: float, viewed: str) -> dict
         opened = time.perf_counter()
         client.call(volume, p.PreEncode(volume.fingerprint, look, CONFIG), timeout=600)
         time.sleep(max(0.0, read_s - (time.perf_counter() - opened)))
-        # The click: the key slice is on screen (and the readiness is read: this waits for the slice under way,
-        # as the Propagate itself would), then the Propagate.  Both are inside the click-to-mask time.
+        # Just before the click the key slice is on screen (the panel sends it when the scrolling settles; the
+        # readiness comes back); the click-to-mask time is the Propagate's, from sending it to its mask.  A click
+        # at once skips that query (it would wait for the model's load, which the click must include).
+        if read_s > 0:
+            before = client.call(None, p.PreEncode(volume.fingerprint, key, CONFIG), timeout=600)
+        else:
+            before = p.PreEncodeStatus(volume.fingerprint, 0, volume.num_slices, "encoding")
         sent = time.perf_counter()
-        before = client.call(None, p.PreEncode(volume.fingerprint, key, CONFIG), timeout=600)
         reply = client.call(volume, p.Propagate(volume.fingerprint, evidence.to_dict(), target, CONFIG), timeout=3600)
         elapsed = time.perf_counter() - sent
     finally:
