@@ -153,6 +153,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._preencode = None
         self._preencodeTimer = None
         self._preencodeInput = None
+        self._preencodeLabel = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -525,7 +526,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outcome = self.logic.session.poll()
         if outcome is not None:
-            self._preencode.resume()
+            if outcome.status == "ok":  # the worker is up again (a Cancel stopped it and the encoding with it)
+                self._preencode.resume()
             self._showOutcome(outcome)
         self._setBusy(self.logic.session.busy)  # a queued re-propagation may have started
 
@@ -535,11 +537,11 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         a quiet line under the panel says how many are ready."""
         self._preencode = BackgroundEncoding(self.logic.session, _QtSingleShot())
         self.logic.session.background = self._preencode
-        self.ui.preencodeLabel = qt.QLabel()
-        self.ui.preencodeLabel.setStyleSheet("color: gray")
-        self.ui.preencodeLabel.toolTip = _("The model worker prepares the scan's slices in the background, nearest "
+        self._preencodeLabel = qt.QLabel()
+        self._preencodeLabel.setStyleSheet("color: gray")
+        self._preencodeLabel.toolTip = _("The model worker prepares the scan's slices in the background, nearest "
                                            "the slice you are looking at first; a Segment on prepared slices is fast")
-        self.layout.addWidget(self.ui.preencodeLabel)
+        self.layout.addWidget(self._preencodeLabel)
         redNode = self.logic.redSliceNode()
         if redNode is not None:
             self.addObserver(redNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
@@ -549,13 +551,16 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._preencodeTimer.start()
 
     def _followInputVolume(self, node) -> None:
-        """A new input volume (or new model settings): the worker starts on it; none: the old one is closed."""
+        """A new input volume (or new propagator settings): the worker starts on it; none: the old one is closed.
+        Typing a question or an evidence model's path changes nothing here (the worker shares the propagator)."""
         if self._preencode is None or self._parameterNode is None:
             return
         settings = self.logic.settingsFrom(self._parameterNode)
-        if (node, settings) == self._preencodeInput:
+        followed = (node, settings.propagator, settings.sam_checkpoint, settings.device, settings.python_executable,
+                    settings.server_url, settings.server_token_file)
+        if followed == self._preencodeInput:
             return
-        self._preencodeInput = (node, settings)
+        self._preencodeInput = followed
         if node is None:
             self._preencode.close()
             return
@@ -569,7 +574,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._preencode.slice_changed(caller)
 
     def onPreEncodePoll(self) -> None:
-        self.ui.preencodeLabel.text = self._preencode.poll()
+        self._preencodeLabel.text = self._preencode.poll()
 
     def _showOutcome(self, outcome: Outcome) -> None:
         self.ui.statusLabel.text = outcome.message

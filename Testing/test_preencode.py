@@ -229,6 +229,10 @@ def test_close_volume_stops_the_work_and_frees_the_embeddings(counted, small_ct)
     while engine.background_step() and len(prop.embedding_store) < 1:
         pass
     assert engine.background_pending() and len(prop.embedding_store) >= 1
+    engine.stop_background()  # a Cancel: the work stops, what was encoded stays
+    assert not engine.background_pending() and len(prop.embedding_store) >= 1
+    assert engine.handle(p.PreEncode(volume.fingerprint, 1, CONFIG)).state == "encoding"  # the next one restarts it
+    assert engine.background_pending()
     assert isinstance(engine.handle(p.CloseVolume(volume.fingerprint)), p.VolumeClosed)
     assert not engine.background_pending() and not engine.background_step()
     assert len(prop.embedding_store) == 0 and prop.embedding_store.nbytes == 0
@@ -237,6 +241,26 @@ def test_close_volume_stops_the_work_and_frees_the_embeddings(counted, small_ct)
     server_side = _engine(prop)  # a server (no background loop) says so instead of promising work
     server_side.handle(p.OpenVolume.of(volume))
     assert server_side.handle(p.PreEncode(volume.fingerprint, 1, CONFIG)).state == "off"
+
+
+def test_a_request_naming_another_evidence_model_uses_the_background_embeddings(counted, small_ct):
+    """Pipelines that differ only in their VLM share the propagator: the background's slices serve them."""
+    prop, log = counted
+    volume, box = small_ct
+    prop.prepare(volume)
+    prop.embedding_store.clear()
+    engine = Engine(pipeline_factory=Pipeline, background=True)
+    engine._pipeline({**CONFIG, "model": "vlm-a"})._propagator = prop  # as if loaded by an earlier request
+    engine.handle(p.OpenVolume.of(volume))
+    engine.handle(p.PreEncode(volume.fingerprint, 2, {**CONFIG, "model": "vlm-b"}))
+    while len(prop.embedding_store) < 1:
+        assert engine.background_step()
+    log.clear()
+    evidence = Evidence((EvidenceAnchor(2, (box,)),), z_range=(2, 2))
+    reply = engine.handle(p.Propagate(volume.fingerprint, evidence.to_dict(), "kidney", {**CONFIG, "model": "vlm-c"}))
+    assert isinstance(reply, p.MaskResult) and reply.mask[2].any()
+    assert "encode" not in log, "the request re-encoded a slice the background had encoded"
+    assert engine.stats(CONFIG)["pipelines"] == 3
 
 
 # ------------------------------------------------------- acceptance: through the worker protocol, 512 x 512

@@ -51,7 +51,8 @@ def default_budget_bytes() -> int:
 class EmbeddingStore(Mapping):
     """slice index -> embedding, stored as `dtype` (fp16 by default), read back as fp32.
 
-    budget_bytes: what background encoding may fill (None: `default_budget_bytes()` when first asked).
+    budget_bytes: what background encoding may fill (None: `default_budget_bytes()` when first asked, and asked
+        again after `clear()`, e.g. for the next volume, as the free memory will have changed).
     """
 
     def __init__(self, budget_bytes: Optional[int] = None, dtype: str = "float16") -> None:
@@ -61,6 +62,7 @@ class EmbeddingStore(Mapping):
             raise ValueError(f"embedding dtype must be float16, bfloat16 or float32, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
         self._budget = budget_bytes
+        self._budget_given = budget_bytes is not None
         self._items: dict = {}
         self.nbytes = 0
 
@@ -96,6 +98,8 @@ class EmbeddingStore(Mapping):
     def clear(self) -> None:
         self._items.clear()
         self.nbytes = 0
+        if not self._budget_given:
+            self._budget = None
 
     # -------------------------------------------------------------------------------------------- budget
     @property
@@ -107,6 +111,7 @@ class EmbeddingStore(Mapping):
     @budget_bytes.setter
     def budget_bytes(self, value: Optional[int]) -> None:
         self._budget = None if value is None else max(0, int(value))
+        self._budget_given = value is not None
 
     def has_room(self, slice_bytes: int) -> bool:
         """Whether one more slice of `slice_bytes` stays within the budget (background encoding asks this)."""

@@ -25,6 +25,7 @@ from ..volume import Volume
 from . import protocol as p
 
 MAX_VOLUMES = 4
+PROPAGATOR_FIELDS = ("propagator", "sam_checkpoint", "sam_overrides", "device", "window")  # what its masks depend on
 
 
 class UnknownVolume(MedVolR1Error):
@@ -51,7 +52,7 @@ class Engine:
         self.counters = EngineCounters()
         self._background = background  # only a loop that calls background_step() between requests sets it
         self._preencoder: Optional[PreEncoder] = None
-        self._preencode_key: Optional[tuple[str, str]] = None  # (volume id, pipeline key) it encodes for
+        self._preencode_key: Optional[tuple[str, str]] = None  # (volume id, propagator key) it encodes for
 
     def handle(self, request, progress: Optional[ProgressCallback] = None):
         self.counters.requests += 1
@@ -103,14 +104,14 @@ class Engine:
         volume = self._volume(request.volume_id)
         if not self._background:
             return p.PreEncodeStatus(volume.fingerprint, 0, volume.num_slices, "off")
-        key = (volume.fingerprint, self._pipeline_key(request.config))
+        key = (volume.fingerprint, _propagator_key(self._config(request.config)))
         if key == self._preencode_key and self._preencoder.status().state != "stopped":
             self._preencoder.look_at(request.slice_index)
         else:
-            if self._preencoder is not None:  # another volume or other settings: the old work is not needed now
+            if self._preencoder is not None:  # another volume or other propagator settings: not needed now
                 self._preencoder.stop(release=self._preencode_key[1] != key[1])
             pipeline = self._pipeline(request.config)
-            self._preencoder = PreEncoder(lambda: pipeline.propagator, volume, request.slice_index)
+            self._preencoder = PreEncoder(lambda: self._loaded_propagator(pipeline), volume, request.slice_index)
             self._preencode_key = key
         return self._preencode_status()
 
@@ -133,6 +134,11 @@ class Engine:
             traceback.print_exc(file=sys.stderr)
             self._preencoder.stop()
             return False
+
+    def stop_background(self) -> None:
+        """Cancel: no more background work until the next PreEncode (the embeddings already made are kept)."""
+        if self._preencoder is not None:
+            self._preencoder.stop()
 
     def _close(self, volume_id: str) -> None:
         """Forget the volume: its voxels, its background encoding and its embeddings."""
@@ -158,10 +164,26 @@ class Engine:
         return json.dumps(p.config_to_dict(self._config(data)), sort_keys=True)
 
     def _pipeline(self, data: Optional[dict]) -> Pipeline:
+        """The pipeline for these settings; pipelines that differ only in their VLM share one propagator, so the
+        embeddings encoded in the background serve a request whatever evidence model it names."""
         key = self._pipeline_key(data)
         if key not in self._pipelines:
             self._pipelines[key] = self._factory(self._config(data))
-        return self._pipelines[key]
+        pipeline = self._pipelines[key]
+        self._adopt_twin(pipeline)
+        return pipeline
+
+    def _adopt_twin(self, pipeline: Pipeline) -> None:
+        if pipeline._propagator is None:
+            mine = _propagator_key(pipeline.config)
+            twin = next((q._propagator for q in self._pipelines.values()
+                         if q._propagator is not None and _propagator_key(q.config) == mine), None)
+            pipeline._propagator = twin
+
+    def _loaded_propagator(self, pipeline: Pipeline):
+        """The pipeline's propagator: a twin pipeline's if one has loaded it meanwhile, else loaded now."""
+        self._adopt_twin(pipeline)
+        return pipeline.propagator
 
     def stats(self, config: Optional[dict] = None) -> dict:
         """Counters, opened volumes, and the encoder work of the pipeline for `config` (0 before it loads)."""
@@ -176,6 +198,10 @@ class Engine:
             "encoded_slices": encoded_slices(pipeline._propagator) if pipeline is not None else 0,
             "preencode": dataclasses.asdict(self._preencode_status()) if self._preencoder is not None else None,
         }
+
+
+def _propagator_key(config: PipelineConfig) -> str:
+    return json.dumps({name: getattr(config, name) for name in PROPAGATOR_FIELDS}, sort_keys=True, default=list)
 
 
 def encoded_slices(propagator) -> int:
