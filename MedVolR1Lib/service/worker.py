@@ -4,8 +4,8 @@ Reads request frames on stdin, writes progress and reply frames on stdout, one r
 stdin closes.  Between requests it pre-encodes the volume the panel is showing (engine.background_step), one
 slice at a time, checking for a request after each.  The real stdout is kept for frames only; anything a
 library prints goes to stderr.
-Heavy imports (torch, transformers) happen on the first model request, after the request is read, so
-the client never blocks writing to a worker that is still starting.
+Heavy imports (torch, transformers) happen on the first model request or background step, after a request
+is read, so the client never blocks writing to a worker that is still starting.
 """
 
 from __future__ import annotations
