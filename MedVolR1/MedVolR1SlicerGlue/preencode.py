@@ -89,7 +89,8 @@ class BackgroundEncoding:
         self._due = False
         if volume is not None and not self.session.busy and not self._remote():
             self.finish()
-            self._send(None, proto.CloseVolume(volume.fingerprint))
+            if self.session.runner.client(self._settings).alive:  # no worker, nothing to close: none is started
+                self._send(None, proto.CloseVolume(volume.fingerprint))
 
     def finish(self, timeout: float = 120.0) -> None:
         """Wait for a request under way (the worker answers it after at most one slice; the first one also carries
