@@ -223,6 +223,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._preencode.close()
+        self._preencodeInput = None
         self.logic.session.cancel()
         self._watcher.clear()
         self.setParameterNode(None)
@@ -564,11 +565,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None:
             self._preencode.close()
             return
-        try:
-            shown = self.logic.currentSlice(mm.volume_from_node(node))[0]
-        except MedVolR1Error:
-            return
-        self._preencode.select(node, settings, shown)
+        self._preencode.select(node, settings, self.logic.redSliceNode())
 
     def onRedSliceModified(self, caller, event) -> None:
         self._preencode.slice_changed(caller)

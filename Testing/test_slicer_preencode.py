@@ -81,7 +81,7 @@ def test_panel_sends_the_viewed_slice_and_shows_the_readiness(sample_ct):
     try:
         # 1. The volume is selected while the Red view shows slice 30: it is opened and slice 30 is sent.
         show(30)
-        background.select(node, settings, mm.slice_index_of_view(red, volume))
+        background.select(node, settings, red)
         background.finish(timeout=300)
         assert [type(r).__name__ for r in background.requests] == ["PreEncode"]
         assert background.requests[0].slice_index == 30
@@ -143,5 +143,5 @@ def test_a_server_is_not_asked_and_nothing_is_shown(sample_ct):
     assert storage.ReadData(node)
     session = EvidenceSession(scene, runner=ModelRunner())
     background = BackgroundEncoding(session, ManualTimer())
-    background.select(node, PanelSettings(server_url="http://127.0.0.1:9"), 10)
+    background.select(node, PanelSettings(server_url="http://127.0.0.1:9"))
     assert background.requests == [] and background.text == ""

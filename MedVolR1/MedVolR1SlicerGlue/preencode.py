@@ -51,15 +51,18 @@ class BackgroundEncoding:
         self.last_error: Optional[BaseException] = None
 
     # ---------------------------------------------------------------------------------------------- panel API
-    def select(self, volume_node, settings: PanelSettings, slice_index: Optional[int] = None) -> None:
-        """The input volume (or the settings) changed: open it in the worker and start encoding at once."""
+    def select(self, volume_node, settings: PanelSettings, slice_node=None) -> None:
+        """The input volume (or the settings) changed: open it in the worker and start encoding at once, centred
+        on the slice `slice_node` (the Red view) shows, else on the body's middle."""
         self._paused = False
         self._settings = settings
         if volume_node is not self._node:
             self._node, self.status = volume_node, None
         if volume_node is None:
             return
-        self._wanted, self._due = (-1 if slice_index is None else int(slice_index)), True
+        volume = self._current_volume()
+        shown = mm.slice_index_of_view(slice_node, volume) if slice_node is not None and volume is not None else -1
+        self._wanted, self._due = shown, True
         self.poll()
 
     def slice_changed(self, slice_node) -> None:
