@@ -54,6 +54,7 @@ from MedVolR1SlicerGlue import model_source  # noqa: E402
 from MedVolR1SlicerGlue import mrml_mapping as mm  # noqa: E402
 from MedVolR1SlicerGlue.edits import RoiEditWatcher  # noqa: E402
 from MedVolR1SlicerGlue import settings as panel_settings  # noqa: E402
+from MedVolR1SlicerGlue.preencode import BackgroundEncoding  # noqa: E402
 from MedVolR1SlicerGlue.session import EvidenceSession, Outcome, default_pipeline_factory  # noqa: E402
 from MedVolR1SlicerGlue.settings import (  # noqa: E402
     DEVICE_CHOICES,
@@ -66,6 +67,7 @@ from MedVolR1SlicerGlue.slots import reporting  # noqa: E402
 
 EDIT_DEBOUNCE_MS = 400
 POLL_INTERVAL_MS = 100
+PREENCODE_POLL_MS = 250
 
 
 def _showError(message, details=None) -> None:
@@ -204,6 +206,10 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._watcher = None
         self._pollTimer = None
         self._syncingCombos = False
+        self._preencode = None
+        self._preencodeTimer = None
+        self._preencodeInput = None
+        self._preencodeLabel = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -264,9 +270,12 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverTokenBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.serverTokenLineEdit, folder=False, title=_("Choose the token file"), userSetting=True))
         self.ui.pythonBrowseButton.connect("clicked(bool)", lambda: self._browse(self.ui.pythonLineEdit, folder=False, title=_("Choose a Python interpreter"), userSetting=True))
 
+        self._setupPreEncoding()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self._preencodeTimer is not None:
+            self._preencodeTimer.stop()
         self.removeObservers()
         if self.logic is not None:
             self.logic.shutdown()
@@ -286,6 +295,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @_slot
     def onSceneStartClose(self, caller, event) -> None:
+        self._preencode.close()
+        self._preencodeInput = None
         self.logic.session.cancel()
         self._watcher.clear()
         self.setParameterNode(None)
@@ -293,6 +304,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     @_slot
     def onSceneEndClose(self, caller, event) -> None:
         self.logic.resetSession()
+        self._preencode.session = self.logic.session
+        self.logic.session.background = self._preencode
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -411,6 +424,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = not busy and hasVolume
         self.ui.clearLimitButton.enabled = not busy and hasVolume and evidence_edits.extent_limit(node) is not None
         self.ui.extentLabel.text = self.logic.extentText(node) if hasVolume else _("Extent: whole scan")
+        self._followInputVolume(node)
 
     def _refreshEvidenceList(self) -> None:
         """One line per evidence box, with its slice as Slicer shows it; keeps the selection."""
@@ -546,6 +560,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @_slot
     def onCancel(self) -> None:
+        self._preencode.stop()
         self.logic.session.cancel()
         self.ui.statusLabel.text = _("Cancelling...")
 
@@ -643,8 +658,53 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         outcome = self.logic.session.poll()
         if outcome is not None:
+            if outcome.status == "ok":  # the worker is up again (a Cancel stopped it and the encoding with it)
+                self._preencode.resume()
             self._showOutcome(outcome)
         self._setBusy(self.logic.session.busy)  # a queued re-propagation may have started
+
+    # ----------------------------------------------------------------------------------- background encoding
+    def _setupPreEncoding(self) -> None:
+        """The worker encodes the input volume's slices while the user reads it, nearest the Red view's slice first;
+        a quiet line under the panel says how many are ready."""
+        self._preencode = BackgroundEncoding(self.logic.session, _QtSingleShot())
+        self.logic.session.background = self._preencode
+        self._preencodeLabel = qt.QLabel()
+        self._preencodeLabel.setStyleSheet("color: gray")
+        self._preencodeLabel.toolTip = _("The model worker prepares the scan's slices in the background, nearest "
+                                           "the slice you are looking at first; a Segment on prepared slices is fast")
+        self.layout.addWidget(self._preencodeLabel)
+        redNode = self.logic.redSliceNode()
+        if redNode is not None:
+            self.addObserver(redNode, vtk.vtkCommand.ModifiedEvent, self.onRedSliceModified)
+        self._preencodeTimer = qt.QTimer()
+        self._preencodeTimer.setInterval(PREENCODE_POLL_MS)
+        self._preencodeTimer.connect("timeout()", self.onPreEncodePoll)
+        self._preencodeTimer.start()
+
+    def _followInputVolume(self, node) -> None:
+        """A new input volume (or new propagator settings): the worker starts on it; none: the old one is closed.
+        Typing a question or an evidence model's path changes nothing here (the worker shares the propagator)."""
+        if self._preencode is None or self._parameterNode is None:
+            return
+        settings = self.logic.settingsFrom(self._parameterNode)
+        followed = (node, settings.propagator, settings.sam_checkpoint, settings.device, settings.python_executable,
+                    settings.server_url, settings.server_token_file)
+        if followed == self._preencodeInput:
+            return
+        self._preencodeInput = followed
+        if node is None:
+            self._preencode.close()
+            return
+        self._preencode.select(node, settings, self.logic.redSliceNode())
+
+    @_slot
+    def onRedSliceModified(self, caller, event) -> None:
+        self._preencode.slice_changed(caller)
+
+    @_slot
+    def onPreEncodePoll(self) -> None:
+        self._preencodeLabel.text = self._preencode.poll()
 
     def _showOutcome(self, outcome: Outcome) -> None:
         self.ui.statusLabel.text = outcome.message

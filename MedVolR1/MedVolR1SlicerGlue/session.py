@@ -101,6 +101,7 @@ class EvidenceSession:
         # Edits never lost: each result is a version (undo), and only overwrites a segment nobody changed.
         self.history = evidence_edits.VolumeHistory()
         self.guard = SegmentGuard()
+        self.background: Any = None  # preencode.BackgroundEncoding when the panel has one: shares the worker
 
     # ------------------------------------------------------------------------------------------- GUI-thread API
     @property
@@ -181,6 +182,8 @@ class EvidenceSession:
         if self._run is not None:
             raise BusyError("a run is in progress: ask for statistics when it has finished")
         settings = settings or self.settings
+        if self.background is not None:
+            self.background.finish()
         return self.runner.stats(settings, self._config(settings))
 
     # ----------------------------------------------------------------------------------------------- internals
@@ -203,6 +206,8 @@ class EvidenceSession:
         url = self.settings.server_url.strip()
         if url and self.upload_allowed is not None and not self.upload_allowed(url):
             raise UploadNotApproved(f"Scans are not sent to {url} until you agree to it; nothing was sent")
+        if self.background is not None:  # one request at a time per worker: let a pre-encoding request finish
+            self.background.finish()
         job = self.runner.start(self.settings, volume, request, kind)
         self._run = _Run(kind, job, volume_node, volume, query, previous)
         return job

@@ -28,6 +28,7 @@ from ..progress import ProgressCallback, report
 from ..volume import Volume
 from ..windowing import Window, resolve_window
 from .base import Propagator, resolve_slice_range
+from .embedding_store import EmbeddingStore
 from .lite_decoder import SliceSharedDecoder, vendored_decode
 from .box_tracking import (
     SegmentRequest, TrackingRules, TrackResult, Walk, add_gap_masks, anchor_ranges, compose, gap_prompts, track_walks,
@@ -174,7 +175,7 @@ class LiteMedSAMPropagator(Propagator):
         self._volume: Optional[Volume] = None
         self._fingerprint: Optional[str] = None
         self._windowed: Optional[np.ndarray] = None
-        self._embeddings: dict[int, "torch.Tensor"] = {}
+        self._embeddings = EmbeddingStore()  # fp16, read back as fp32; its byte budget bounds background encoding
         self.last_stops: list[tuple[str, str]] = []  # (why the walk down stopped, why up stopped) per box
 
     # ------------------------------------------------------------------ model
@@ -228,7 +229,7 @@ class LiteMedSAMPropagator(Propagator):
         """Bind the volume; nothing is encoded yet (lazy).  A different volume drops the cache."""
         fingerprint = volume.fingerprint
         if fingerprint != self._fingerprint:
-            self._embeddings = {}
+            self._embeddings.clear()
             self._walks, self._decoded, self._decoded_bytes, self._walk_bytes = {}, {}, 0, 0
             self._fingerprint = fingerprint
             resolved = resolve_window(volume.array, volume.modality, self.window)
@@ -239,6 +240,20 @@ class LiteMedSAMPropagator(Propagator):
     @property
     def cached_slices(self) -> list[int]:
         return sorted(self._embeddings)
+
+    @property
+    def embedding_store(self) -> EmbeddingStore:
+        """The bound volume's embeddings (background pre-encoding fills it up to its byte budget)."""
+        return self._embeddings
+
+    @embedding_store.setter
+    def embedding_store(self, store: EmbeddingStore) -> None:
+        self._embeddings = store
+
+    @property
+    def bound_fingerprint(self) -> Optional[str]:
+        """Fingerprint of the volume `prepare` bound last (its embeddings are the ones kept)."""
+        return self._fingerprint
 
     def _frame(self) -> tuple[int, int, float]:
         rows, cols = self._windowed.shape[1:]
@@ -273,9 +288,8 @@ class LiteMedSAMPropagator(Propagator):
                 self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
             ):
                 emb = self._net.image_encoder(images)
-            emb = emb.float().contiguous()
             for n, k in enumerate(batch):
-                self._embeddings[k] = emb[n : n + 1].clone()
+                self._embeddings.put(k, emb[n : n + 1])
             self.stats.encoder_calls += 1
             self.stats.encoded_slices += len(batch)
             self.stats.encoded.extend(batch)

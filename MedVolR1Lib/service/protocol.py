@@ -1,8 +1,9 @@
 """The messages the Slicer module, the CLI, the worker process and the HTTP server exchange (typed dataclasses).
 
 Requests: OpenVolume (voxels + geometry, keyed by the volume's fingerprint), FindEvidence, Segment, Propagate,
-Stats.  Replies: Progress (any number), then one final reply per request: VolumeOpened, EvidenceFound,
-MaskResult, StatsReply or ErrorReply (the error's class name and a one-line message).  Each message is one
+Stats, PreEncode, CloseVolume.  Replies: Progress (any number), then one final reply per request: VolumeOpened,
+EvidenceFound, MaskResult, StatsReply, PreEncodeStatus, VolumeClosed or ErrorReply (the error's class name and a
+one-line message).  Each message is one
 frame (framing.py); its "type" field names the class.
 """
 
@@ -137,9 +138,77 @@ class ErrorReply:
     raw_text: str = ""
 
 
-REQUESTS = (OpenVolume, FindEvidence, Segment, Propagate, Stats)
-REPLIES = (Progress, VolumeOpened, EvidenceFound, MaskResult, StatsReply, ErrorReply)
-FINAL_REPLIES = (VolumeOpened, EvidenceFound, MaskResult, StatsReply, ErrorReply)
+# ------------------------------------------------------------------------- background pre-encoding (worker)
+
+
+def _check_ints(message, *names: str) -> None:
+    for name in names:
+        value = getattr(message, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+
+
+@dataclass
+class PreEncode:
+    """Start or steer the worker's background encoding of an opened volume; also the panel's readiness query.
+
+    slice_index: the slice the user is looking at (canonical k; -1 leaves it as it was).  Answered at once
+    with PreEncodeStatus; the encoding runs between requests, one slice at a time."""
+
+    volume_id: str
+    slice_index: int = -1
+    config: Optional[dict] = None
+
+    def __post_init__(self) -> None:
+        _check_ints(self, "slice_index")
+
+
+@dataclass
+class CloseVolume:
+    """The user closed the volume: stop its background encoding and free it (voxels and embeddings)."""
+
+    volume_id: str
+
+
+@dataclass
+class PreEncodeStatus:
+    """`ready` of `total` slices encoded; state: encoding, done, budget (byte budget reached), stopped, unsupported
+    (the propagator encodes on request only) or off (a server, which encodes on request)."""
+
+    volume_id: str
+    ready: int
+    total: int
+    state: str
+    current: int = -1  # the slice the order is centred on (-1: the body's middle)
+    nbytes: int = 0  # bytes of embeddings held for this volume
+    budget_bytes: int = 0  # what background encoding may fill
+
+    def __post_init__(self) -> None:
+        _check_ints(self, "ready", "total", "current", "nbytes", "budget_bytes")
+        if not isinstance(self.state, str):
+            raise TypeError("state must be a string")
+
+    @property
+    def text(self) -> str:
+        line = f"{self.ready} of {self.total} slices ready"
+        if self.state == "budget":
+            line += " (memory budget reached)"
+        elif self.state == "stopped":
+            line += " (stopped)"
+        return line
+
+
+@dataclass
+class VolumeClosed:
+    volume_id: str
+
+
+BACKGROUND_REQUESTS = (PreEncode, CloseVolume)
+BACKGROUND_REPLIES = (PreEncodeStatus, VolumeClosed)
+
+REQUESTS = (OpenVolume, FindEvidence, Segment, Propagate, Stats) + BACKGROUND_REQUESTS
+REPLIES = (Progress, VolumeOpened, EvidenceFound, MaskResult, StatsReply, ErrorReply) + BACKGROUND_REPLIES
+FINAL_REPLIES = (VolumeOpened, EvidenceFound, MaskResult, StatsReply, ErrorReply) + BACKGROUND_REPLIES
 _TYPES = {cls.__name__: cls for cls in REQUESTS + REPLIES}
 
 
