@@ -96,3 +96,14 @@ def test_changing_the_stride_drops_decoded_prompts_not_embeddings(thin):
     assert prop._decoded and prop._walks
     prop.slice_stride = 2
     assert not prop._decoded and not prop._walks and set(prop._embeddings) == encoded
+
+
+def test_pipeline_settings_reach_the_propagator():
+    """PipelineConfig (CLI, worker protocol, panel) -> build_propagator -> LiteMedSAMPropagator."""
+    from MedVolR1Lib.pipeline import Pipeline, PipelineConfig
+    from MedVolR1Lib.service.protocol import config_from_dict, config_to_dict
+
+    config = config_from_dict(config_to_dict(PipelineConfig(propagator="litemedsam", device="cpu", slice_stride=2,
+                                                            encoder="torch-fp32")))
+    prop = Pipeline(config).propagator
+    assert prop.slice_stride == 2 and prop.encoder == "torch-fp32" and prop.precision == "fp32"

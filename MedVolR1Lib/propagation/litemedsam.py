@@ -284,9 +284,8 @@ class LiteMedSAMPropagator(Propagator):
         return planes.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
 
     def encode(self, slices, progress: Optional[ProgressCallback] = None) -> None:
-        """Encode the given slices that are not cached yet, `batch_size` per encoder call."""
-        import torch
-
+        """Encode the given slices that are not cached yet, `batch_size` per encoder call (through the `encoder`
+        path's backend, built on first use)."""
         todo = [int(k) for k in dict.fromkeys(slices) if int(k) not in self._embeddings]
         if todo and self._encoder is None:
             if self._sha256 is None:
