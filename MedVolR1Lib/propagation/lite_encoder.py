@@ -4,7 +4,7 @@ Why: the encoder is the cost of a first mask (every slice a walk visits is encod
 depends on the CPU: PyTorch's bf16 autocast is fast only where the CPU does bf16 natively (AVX512-BF16 or AMX);
 without it, ONNX Runtime's fp32 graph is about twice PyTorch's fp32 speed with the same numbers, and int8
 (ONNX Runtime dynamic quantization of the weight matrices) uses VNNI's integer dot products.  Measured on the
-sample CT in docs/benchmarks.md ("Faster CPU encoder"); `choose_encoder` encodes those measurements.
+sample CT in docs/benchmarks.md ("Cold start"); `choose_encoder` encodes those measurements.
 
 Backends take preprocessed slices (B, 3, 256, 256) and return fp32 embeddings (B, 256, 64, 64).  The ONNX
 graphs are exported from the loaded PyTorch encoder once and kept in the user's cache folder, keyed by the
@@ -88,7 +88,7 @@ def choose_encoder(features: CpuFeatures, onnx_available: bool, device_type: str
     """The fastest encoder path measured for these features whose masks match fp32's (docs/benchmarks.md).
 
     - CUDA: PyTorch bf16 autocast.
-    - native bf16: PyTorch bf16 autocast (faster here than int8 and ONNX Runtime fp32; masks at Dice 0.997 to fp32).
+    - native bf16: PyTorch bf16 autocast (on this quiet CPU 1.13x int8's speed, 1.44x ONNX Runtime fp32's).
     - no native bf16, ONNX Runtime installed: ONNX Runtime fp32 (PyTorch's numbers, about twice as fast).  int8
       is not picked even with VNNI: its masks moved a target by more than the 0.02 Dice allowed (see the docs).
     - otherwise PyTorch fp32.

@@ -95,11 +95,11 @@ class LiteMedSAMPropagator(Propagator):
         CUDA, else fp32; bench/bench_litemedsam.py measured 2.2x over fp32 with masks at Dice 0.997 to fp32's).
     encoder: the encoder path (lite_encoder.ENCODERS: "torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"), or
         "auto" (default): `precision` "fp32"/"bf16" name the PyTorch path, "auto" picks the fastest path measured
-        for this CPU's features (lite_encoder.choose_encoder; docs/benchmarks.md, "Faster CPU encoder").
+        for this CPU's features (lite_encoder.choose_encoder; docs/benchmarks.md, "Cold start").
     slice_stride: on scans whose slices are at most `stride_max_spacing` mm apart, encode only every n-th slice
         (and the anchors' slices); a slice between two encoded ones is decoded on their embeddings interpolated
-        linearly in z.  1 (default) encodes every visited slice (docs/benchmarks.md, "Fewer slices on thin-slice
-        scans", has the Dice and time per stride).
+        linearly in z.  1 (default) encodes every visited slice (docs/benchmarks.md, "Cold start", has the Dice
+        and time per stride).
     stride_max_spacing: the largest slice spacing (mm) at which `slice_stride` applies.
     rules: guards of the slice-to-slice walk.
     between: how slices between two anchors are shared (box_tracking.anchor_ranges): "linked_union" (default: each
