@@ -109,3 +109,15 @@ def test_pipeline_settings_reach_the_propagator():
                                                             encoder="torch-fp32")))
     prop = Pipeline(config).propagator
     assert prop.slice_stride == 2 and prop.encoder == "torch-fp32" and prop.precision == "fp32"
+
+
+def test_cli_flags_fill_the_settings(capsys):
+    from MedVolR1Lib.cli import _config, build_parser
+
+    args = build_parser().parse_args(["propagate", "--volume", "scan.nii.gz", "--slice", "3", "--box", "1,2,3,4",
+                                      "--out", "o", "--slice-stride", "2", "--encoder", "onnx-fp32"])
+    config = _config(args)
+    assert config.slice_stride == 2 and config.encoder == "onnx-fp32"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["propagate", "--volume", "scan.nii.gz", "--out", "o", "--slice-stride", "0"])
+    assert "expected a whole number >= 1" in capsys.readouterr().err
