@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from MedVolR1Lib.propagation.lite_encoder import (
-    CpuFeatures, choose_encoder, parse_cpu_flags, resolve_encoder,
+    CpuFeatures, EncoderUnavailableError, choose_encoder, parse_cpu_flags, resolve_encoder,
 )
 
 SAPPHIRE_RAPIDS = "fpu vme avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8 avx_vnni"
@@ -53,9 +53,9 @@ def test_resolve_encoder_settings():
     assert resolve_encoder("onnx-int8", "auto", "cpu", none, True) == "onnx-int8"
     with pytest.raises(ValueError, match="encoder must be"):
         resolve_encoder("int4", "auto", "cpu", none, True)
-    with pytest.raises(ValueError, match="CPU only"):
+    with pytest.raises(EncoderUnavailableError, match="CPU only"):
         resolve_encoder("onnx-int8", "auto", "cuda", none, True)
-    with pytest.raises(ImportError, match="fast-encoder"):
+    with pytest.raises(EncoderUnavailableError, match="fast-encoder"):
         resolve_encoder("onnx-fp32", "auto", "cpu", none, False)
 
 

@@ -8,7 +8,7 @@ sample CT in docs/benchmarks.md ("Cold start"); `choose_encoder` encodes those m
 
 Backends take preprocessed slices (B, 3, 256, 256) and return fp32 embeddings (B, 256, 64, 64).  The ONNX
 graphs are exported from the loaded PyTorch encoder once and kept in the user's cache folder, keyed by the
-checkpoint's hash and the torch / onnxruntime versions (an export and an int8 quantization take ~10 s).
+checkpoint's hash and the torch / onnxruntime versions (an export and an int8 quantization take 10-40 s here).
 """
 
 from __future__ import annotations
@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import MedVolR1Error
 from ..volume import atomic_write
 
 ENCODERS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 PRECISION_OF = {"torch-fp32": "fp32", "torch-bf16": "bf16", "onnx-fp32": "fp32", "onnx-int8": "int8"}
 ONNX_EXTRA = "pip install 'medvolr1[fast-encoder]' (onnxruntime and onnx)"
+
+
+class EncoderUnavailableError(MedVolR1Error):
+    """An encoder path asked for that this installation or device cannot run (a one-line error in the CLI)."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +125,10 @@ def resolve_encoder(encoder: str, precision: str, device_type: str,
         return choose_encoder(features, onnx_available, device_type)
     if encoder.startswith("onnx"):
         if device_type != "cpu":
-            raise ValueError(f"encoder {encoder!r} runs on the CPU only; use torch-bf16 or torch-fp32 on {device_type}")
+            raise EncoderUnavailableError(
+                f"encoder {encoder!r} runs on the CPU only; use torch-bf16 or torch-fp32 on {device_type}")
         if not (onnxruntime_available() if onnx_available is None else onnx_available):
-            raise ImportError(f"encoder {encoder!r} needs ONNX Runtime: {ONNX_EXTRA}")
+            raise EncoderUnavailableError(f"encoder {encoder!r} needs ONNX Runtime: {ONNX_EXTRA}")
     return encoder
 
 
