@@ -66,6 +66,16 @@ def _formats(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _config(args) -> "PipelineConfig":
     from .pipeline import PipelineConfig
 
@@ -80,6 +90,8 @@ def _config(args) -> "PipelineConfig":
         image_size=args.image_size,
         window=args.window,
         lenient=getattr(args, "lenient", False),
+        encoder=getattr(args, "encoder", "auto"),
+        slice_stride=getattr(args, "slice_stride", 1),
     )
 
 
@@ -271,6 +283,11 @@ def _add_model_flags(parser: argparse.ArgumentParser, outputs: bool = True) -> N
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--window", help="CT window preset (abdomen, lung, bone, soft_tissue, liver, brain) or 'percentile'")
     parser.add_argument("--image-size", type=int, default=448, help="rendered view size in pixels (multiple of 28)")
+    parser.add_argument("--encoder", default="auto",
+                        choices=("auto", "torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"),
+                        help="LiteMedSAM's encoder path (auto: the fastest measured for this CPU; docs/benchmarks.md)")
+    parser.add_argument("--slice-stride", type=_positive_int, default=1,
+                        help="LiteMedSAM on scans with slices <= 1.5 mm apart: encode every n-th slice (default 1: all)")
     if not outputs:
         return
     parser.add_argument("--modality", choices=("CT", "MR", "ZSCORE"), help="override the guessed modality")

@@ -35,6 +35,8 @@ class PipelineConfig:
     image_size: int = 448
     window: Optional[str] = None  # CT preset name or "percentile"; default by modality
     lenient: bool = False  # grounder also reads native grounding JSON (off-the-shelf Instruct models)
+    encoder: str = "auto"  # LiteMedSAM's encoder path (propagation.lite_encoder.ENCODERS); auto: this CPU's fastest
+    slice_stride: int = 1  # LiteMedSAM: encode every n-th slice on scans with slices <= 1.5 mm apart (docs/benchmarks.md)
 
 
 @dataclass
@@ -112,6 +114,8 @@ class Pipeline:
                 device=self.config.device,
                 window=self.config.window,
                 sam_overrides=self.config.sam_overrides,
+                encoder=self.config.encoder,
+                slice_stride=self.config.slice_stride,
             )
         return self._propagator
 

@@ -85,6 +85,7 @@ def _write_json(path, runs, ceilings, atomic_write) -> None:
 
 def main(argv=None) -> int:
     from MedVolR1Lib.propagation.box_tracking import BETWEEN_MODES
+    from MedVolR1Lib.propagation.lite_encoder import ENCODERS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="markdown report (default docs/corrections_<propagator>.md)")
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated label names")
     parser.add_argument("--corrections", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("fp32", "bf16", "auto"), help="LiteMedSAM's encoder")
+    parser.add_argument("--encoder", default="auto", choices=("auto", *ENCODERS),
+                        help="LiteMedSAM's encoder path (auto: the one --precision names, or this CPU's fastest)")
     parser.add_argument("--between", default="linked_union", choices=BETWEEN_MODES,
                         help="which anchor's walk a slice between two anchors takes (box_tracking.anchor_ranges)")
     parser.add_argument("--bridge", action=argparse.BooleanOptionalAction, default=True,
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
             return propagators[key]
         if window not in propagators:
             rules = TrackingRules() if args.min_overlap is None else replace(TrackingRules(), min_overlap=args.min_overlap)
-            propagators[window] = LiteMedSAMPropagator(precision=args.precision, between=args.between, bridge=args.bridge,
+            propagators[window] = LiteMedSAMPropagator(precision=args.precision, encoder=args.encoder, between=args.between, bridge=args.bridge,
                                                        window=window, rules=rules, device=args.device)
         return propagators[window]
 

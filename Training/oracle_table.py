@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from MedVolR1Lib.propagation.lite_encoder import ENCODERS
 from MedVolR1Lib.propagation.oracle import SAMPLE_CT_TARGETS as DEFAULT_TARGETS
 
 NOTES_HEADING = "## Notes"
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated label names")
     parser.add_argument("--main-count", type=int, default=10, help="the mean in bold is over the first N targets")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    parser.add_argument("--encoder", default="auto", choices=("auto", *ENCODERS),
+                        help="LiteMedSAM's encoder path (auto: the one --precision names)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     volume = load_volume(sample.ct_path)
     labels = load_label_map(sample.labels_path, volume)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    propagator = LiteMedSAMPropagator(precision=args.precision)
+    propagator = LiteMedSAMPropagator(precision=args.precision, encoder=args.encoder)
     t0 = time.perf_counter()
     rows = oracle_rows(propagator, volume, labels, sample.label_names, targets,
                        progress=lambda f, m: print(f"[{f:4.0%}] {m}", flush=True))

@@ -37,12 +37,14 @@ def build_propagator(
     window=None,
     sam_overrides: Sequence[str] = (),
     target: Optional[str] = None,
+    encoder: str = "auto",
+    slice_stride: int = 1,
 ) -> Propagator:
     """Instantiate the propagator; checkpoint and device errors surface here with clear messages.
 
     With a known `target` (label name or query key) and no explicit `window`, the target's tissue window is used
     (targets.propagation_settings: lung, bone or abdomen), and MedSAM2 keeps only the largest component of
-    targets that are one connected structure."""
+    targets that are one connected structure.  `encoder` and `slice_stride` are LiteMedSAM's (ignored by MedSAM2)."""
     from ..targets import propagation_settings
 
     settings = propagation_settings(target)
@@ -68,4 +70,4 @@ def build_propagator(
 
     if device == "auto":
         device = "cuda" if cuda_available() else "cpu"
-    return LiteMedSAMPropagator(device=device, window=window)
+    return LiteMedSAMPropagator(device=device, window=window, encoder=encoder, slice_stride=slice_stride)

@@ -30,6 +30,7 @@ from ..windowing import Window, resolve_window
 from .base import Propagator, resolve_slice_range
 from .embedding_store import EmbeddingStore
 from .lite_decoder import SliceSharedDecoder, vendored_decode
+from .lite_encoder import PRECISION_OF, build_encoder, detect_cpu_features, resolve_encoder
 from .box_tracking import (
     SegmentRequest, TrackingRules, TrackResult, Walk, add_gap_masks, anchor_ranges, compose, gap_prompts, track_walks,
     truncate,
@@ -63,9 +64,10 @@ class EncoderStats:
     decoder_calls: int = 0
     decoded_prompts: int = 0
     encoded: list = field(default_factory=list)  # slice indices in the order they were encoded
+    interpolated: int = 0  # slices decoded on embeddings interpolated between encoded ones (`slice_stride`)
 
     def reset(self) -> None:
-        self.encoder_calls = self.encoded_slices = self.decoder_calls = self.decoded_prompts = 0
+        self.encoder_calls = self.encoded_slices = self.decoder_calls = self.decoded_prompts = self.interpolated = 0
         self.encoded = []
 
 
@@ -92,6 +94,14 @@ class LiteMedSAMPropagator(Propagator):
         caches) and 8 on CUDA.
     precision: "fp32", "bf16" (autocast) or "auto" (default: bf16 where the CPU has native bf16 or on
         CUDA, else fp32; bench/bench_litemedsam.py measured 2.2x over fp32 with masks at Dice 0.997 to fp32's).
+    encoder: the encoder path (lite_encoder.ENCODERS: "torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8"), or
+        "auto" (default): `precision` "fp32"/"bf16" name the PyTorch path, "auto" picks the fastest path measured
+        for this CPU's features (lite_encoder.choose_encoder; docs/benchmarks.md, "Cold start").
+    slice_stride: on scans whose slices are at most `stride_max_spacing` mm apart, encode only every n-th slice
+        (and the anchors' slices); a slice between two encoded ones is decoded on their embeddings interpolated
+        linearly in z.  1 (default) encodes every visited slice (docs/benchmarks.md, "Cold start", has the Dice
+        and time per stride).
+    stride_max_spacing: the largest slice spacing (mm) at which `slice_stride` applies.
     rules: guards of the slice-to-slice walk.
     between: how slices between two anchors are shared (box_tracking.anchor_ranges): "linked_union" (default: each
         walk runs to the next anchor, a slice between two anchors takes the nearer anchor's masks and the parts of
@@ -132,6 +142,9 @@ class LiteMedSAMPropagator(Propagator):
         max_boxes: int = DEFAULT_MAX_BOXES,
         decode_batch: Optional[int] = None,
         shared_decoder: bool = True,
+        encoder: str = "auto",
+        slice_stride: int = 1,
+        stride_max_spacing: float = 1.5,
     ) -> None:
         import torch
 
@@ -154,7 +167,13 @@ class LiteMedSAMPropagator(Propagator):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.window = window
         self.batch_size = int(batch_size)
-        self.precision = _resolve_precision(precision, self.device)
+        self.encoder = resolve_encoder(encoder, precision, self.device.type)
+        self.precision = PRECISION_OF[self.encoder]
+        if int(slice_stride) < 1:
+            raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
+        self._slice_stride = int(slice_stride)
+        self.stride_max_spacing = float(stride_max_spacing)
+        self._exact_slices: set[int] = set()  # anchor slices: always encoded, never interpolated
         anchor_ranges([], 0, 0, between)  # rejects an unknown mode here, not at the first propagation
         self.rules = rules
         self.between = between
@@ -166,11 +185,12 @@ class LiteMedSAMPropagator(Propagator):
             decode_batch = 32 if self.device.type == "cuda" else 1 if shared_decoder else 4
         self.decode_batch = max(1, int(decode_batch))
         self._walks: dict[tuple, list] = {}  # (key slice, box, rules) -> [(slice range, TrackResult)] for this volume
-        self._decoded: dict[tuple, tuple] = {}  # (slice, box) -> (mask, logits or None, score) for this volume
+        self._decoded: dict[tuple, tuple] = {}  # (slice, box, embedding sources) -> (mask, logits or None, score)
         self._decoded_bytes = self._walk_bytes = 0
         self.stats = EncoderStats()
         self._sha256: Optional[str] = None
         self._net = self._load(self.checkpoint)
+        self._encoder = None  # built on first use: an ONNX path exports (once per machine) when first needed
         self._shared = SliceSharedDecoder(self._net.prompt_encoder, self._net.mask_decoder) if shared_decoder else None
         self._volume: Optional[Volume] = None
         self._fingerprint: Optional[str] = None
@@ -218,6 +238,8 @@ class LiteMedSAMPropagator(Propagator):
             "source": WHEEL,
             "device": str(self.device),
             "precision": self.precision,
+            "encoder": self.encoder,
+            "slice_stride": self.slice_stride,
             "window": _window_repr(self.window),
             "rules": self.rules.as_dict(),
             "between": self.between,
@@ -277,17 +299,17 @@ class LiteMedSAMPropagator(Propagator):
         return planes.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
 
     def encode(self, slices, progress: Optional[ProgressCallback] = None) -> None:
-        """Encode the given slices that are not cached yet, `batch_size` per encoder call."""
-        import torch
-
+        """Encode the given slices that are not cached yet, `batch_size` per encoder call (through the `encoder`
+        path's backend, built on first use)."""
         todo = [int(k) for k in dict.fromkeys(slices) if int(k) not in self._embeddings]
+        if todo and self._encoder is None:
+            if self._sha256 is None:
+                self._sha256 = file_sha256(self.checkpoint)
+            self._encoder = build_encoder(self.encoder, self._net.image_encoder, self.device, self._sha256[:16])
         for start in range(0, len(todo), self.batch_size):
             batch = todo[start : start + self.batch_size]
             images = self._preprocess(batch).to(self.device)
-            with torch.inference_mode(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"
-            ):
-                emb = self._net.image_encoder(images)
+            emb = self._encoder(images).float().contiguous()
             for n, k in enumerate(batch):
                 self._embeddings.put(k, emb[n : n + 1])
             self.stats.encoder_calls += 1
@@ -310,7 +332,47 @@ class LiteMedSAMPropagator(Propagator):
                         todo.append(j)
                         taken += 1
                     j += r.step
-        self.encode(todo)
+        self.encode([source for k in todo for source in self._sources(k)])
+
+    # ------------------------------------------------------------------ slice stride (thin-slice scans)
+    @property
+    def slice_stride(self) -> int:
+        return self._slice_stride
+
+    @slice_stride.setter
+    def slice_stride(self, value: int) -> None:
+        """A new stride drops the decoded prompts and walks of this volume (they were decoded on other embeddings);
+        the encoded slices stay."""
+        if int(value) < 1:
+            raise ValueError(f"slice_stride must be >= 1, got {value}")
+        if int(value) != self._slice_stride:
+            self._walks, self._decoded, self._decoded_bytes, self._walk_bytes = {}, {}, 0, 0
+        self._slice_stride = int(value)
+
+    def active_stride(self) -> int:
+        """`slice_stride` on a prepared volume whose slices are at most `stride_max_spacing` mm apart, else 1."""
+        if self._slice_stride == 1 or self._volume is None:
+            return 1
+        return self._slice_stride if self._volume.spacing[2] <= self.stride_max_spacing + 1e-6 else 1
+
+    def _sources(self, k: int) -> tuple[int, ...]:
+        """The encoded slices slice k's embedding comes from: k itself, or the stride grid's slices around it."""
+        stride = self.active_stride()
+        if stride == 1 or k % stride == 0 or k in self._exact_slices or k in self._embeddings:
+            return (k,)
+        lo = k - k % stride
+        hi = min(lo + stride, self._volume.shape[0] - 1)
+        return (k,) if hi == k else (lo, hi)
+
+    def _embedding(self, k: int):
+        """Slice k's embedding: encoded, or interpolated linearly between its `_sources`."""
+        sources = self._sources(k)
+        if len(sources) == 1:
+            return self._embeddings[k]
+        lo, hi = sources
+        t = (k - lo) / (hi - lo)
+        self.stats.interpolated += 1
+        return self._embeddings[lo] * (1.0 - t) + self._embeddings[hi] * t
 
     # ------------------------------------------------------------------ decoding
     def _decode_batch(self, slices: Sequence[int], boxes: Sequence[VoxelBox], logits: Optional[Sequence[np.ndarray]]):
@@ -325,12 +387,13 @@ class LiteMedSAMPropagator(Propagator):
         rows, cols = self._windowed.shape[1:]
         box256 = torch.tensor([[b.i0 * scale, b.j0 * scale, b.i1 * scale, b.j1 * scale] for b in boxes],
                               dtype=torch.float32, device=self.device)
+        embeddings = {z: self._embedding(z) for z in dict.fromkeys(slices)}
         # The decoder stays fp32 whatever `precision` says: in bf16 (vendored forward: 45 ms per prompt against 62)
         # walks flip at their guards; the simulated-user table lost 0.008 mean Dice, with a 0.07 drop after an
         # added GT anchor.
         with torch.inference_mode():
             if logits is None and self._shared is not None:
-                out = self._shared.decode_slices(self._embeddings, slices, box256, self.decode_batch)
+                out = self._shared.decode_slices(embeddings, slices, box256, self.decode_batch)
                 low_res, iou = out.logits.unsqueeze(1), out.iou
                 self.stats.decoder_calls += out.calls
             else:
@@ -341,7 +404,7 @@ class LiteMedSAMPropagator(Propagator):
                 for start in range(0, len(boxes), self.decode_batch):
                     part = slice(start, start + self.decode_batch)
                     parts.append(vendored_decode(net.prompt_encoder, net.mask_decoder,
-                                                 torch.cat([self._embeddings[z] for z in slices[part]]), box256[part],
+                                                 torch.cat([embeddings[z] for z in slices[part]]), box256[part],
                                                  None if masks is None else masks[part]))
                     self.stats.decoder_calls += 1
                 low_res = torch.cat([p.logits for p in parts]).unsqueeze(1)
@@ -371,7 +434,7 @@ class LiteMedSAMPropagator(Propagator):
         decoded: list = [None] * len(firsts)
         if self.reuse:
             for u, r in enumerate(firsts):
-                hit = self._decoded.get((r.slice_index, r.box)) if r.previous_logits is None else None
+                hit = self._decoded.get((r.slice_index, r.box, self._sources(r.slice_index))) if r.previous_logits is None else None
                 if hit is not None and (hit[1] is not None or not self.rules.use_mask_prompt):
                     decoded[u] = hit
         self._prefetch([r for u, r in enumerate(firsts) if decoded[u] is None])
@@ -395,7 +458,7 @@ class LiteMedSAMPropagator(Propagator):
         size = mask.nbytes + (kept[1].nbytes if kept[1] is not None else 0)
         if self._decoded_bytes + size > DECODE_CACHE_BYTES:
             self._decoded, self._decoded_bytes = {}, 0
-        self._decoded[(request.slice_index, request.box)] = kept
+        self._decoded[(request.slice_index, request.box, self._sources(request.slice_index))] = kept
         self._decoded_bytes += size
 
     # ------------------------------------------------------------------ propagation
@@ -429,6 +492,7 @@ class LiteMedSAMPropagator(Propagator):
         if len(ranges) != len(evidences):
             raise ValueError(f"{len(evidences)} evidences but {len(ranges)} slice ranges")
         plans = [self._plan(e, r) for e, r in zip(evidences, ranges)]
+        self._exact_slices = {a.slice_index for anchors, _ in plans for a in anchors}
         walks = [w for _, plan in plans for w in plan]
         tracks = self._track(walks, progress)
         grouped, n = [], 0
@@ -511,21 +575,9 @@ class LiteMedSAMPropagator(Propagator):
         return None
 
 
-def _resolve_precision(precision: str, device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
 def cpu_has_bf16() -> bool:
     """True when the CPU advertises native bf16 math (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return detect_cpu_features().bf16
 
 
 def _window_repr(window) -> object:
