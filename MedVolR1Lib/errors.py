@@ -1,5 +1,7 @@
 """Typed errors, so callers (CLI, Slicer, trainers) can tell the user what went wrong and what to do."""
 
+from __future__ import annotations
+
 
 class MedVolR1Error(Exception):
     """Base of every error the library raises on purpose."""

@@ -272,21 +272,8 @@ class ConsistencyScorer(CoherenceScorer):
             if anchor is None:  # nothing to propagate: an empty prediction
                 scores[n] = window_dice(np.zeros_like(gt[z0 : z1 + 1]), gt[z0 : z1 + 1])
         jobs = [j for j in jobs if j[3] is not None]
-        while jobs:  # one propagate_many per volume: a lockstep backend tracks a group's answers together
-            fingerprint = jobs[0][1].fingerprint
-            batch = [j for j in jobs if j[1].fingerprint == fingerprint]
-            jobs = [j for j in jobs if j[1].fingerprint != fingerprint]
-            volume = batch[0][1]
-            if self._prepared != fingerprint:
-                self.propagator.prepare(volume)
-                self._prepared = fingerprint
-                self.prepare_calls += 1
-            preds = self.propagator.propagate_many([j[3] for j in batch], merge=True, slice_ranges=[j[4] for j in batch])
-            for (n, _, gt, _, (z0, z1)), pred in zip(batch, preds):
-                pred = np.asarray(pred)
-                if pred.shape != volume.shape:
-                    raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
-                scores[n] = window_dice(pred[z0 : z1 + 1] != 0, gt[z0 : z1 + 1])
+        for n, pred, gt in self._propagate_by_volume(jobs):
+            scores[n] = window_dice(pred != 0, gt)
         return scores
 
 

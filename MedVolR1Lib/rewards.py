@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -301,6 +301,14 @@ class CoherenceScorer:
             z = (0, last) if self.window is None else (max(0, k - self.window), min(last, k + self.window))
             if gt[z[0] : z[1] + 1].any():  # a window that misses the target: an empty prediction must not score
                 jobs.append((n, volume, gt, anchor, z))
+        for n, pred, gt in self._propagate_by_volume(jobs):
+            scores[n] = float(dice(pred, gt))
+        return scores
+
+    def _propagate_by_volume(self, jobs: list) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(n, prediction, GT) inside each job's slice window, for jobs (n, volume, gt, anchor, (z0, z1)):
+        one `propagate_many` per volume (a lockstep backend tracks a group's answers together), and the
+        volume's features prepared once however many groups follow on it."""
         while jobs:
             fingerprint = jobs[0][1].fingerprint
             batch = [j for j in jobs if j[1].fingerprint == fingerprint]
@@ -315,8 +323,7 @@ class CoherenceScorer:
                 pred = np.asarray(pred)
                 if pred.shape != volume.shape:
                     raise ValueError(f"propagator {self.propagator.name} returned shape {pred.shape}, expected {volume.shape}")
-                scores[n] = float(dice(pred[z0 : z1 + 1], gt[z0 : z1 + 1]))
-        return scores
+                yield n, pred[z0 : z1 + 1], gt[z0 : z1 + 1]
 
 
 def oracle_curve(

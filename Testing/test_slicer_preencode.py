@@ -27,26 +27,7 @@ from MedVolR1SlicerGlue.session import EvidenceSession  # noqa: E402
 from MedVolR1SlicerGlue.settings import PanelSettings  # noqa: E402
 
 from MedVolR1Lib.service import protocol as proto  # noqa: E402
-
-
-class ManualTimer:
-    """Stands in for the panel's single-shot qt.QTimer: the test decides when the debounce has passed."""
-
-    def __init__(self):
-        self.callback = None
-        self.starts = 0
-
-    def start(self, delay_ms, callback):
-        self.callback = callback
-        self.starts += 1
-
-    def stop(self):
-        self.callback = None
-
-    def fire(self):
-        callback, self.callback = self.callback, None
-        if callback is not None:
-            callback()
+from test_slicer_mrml import ManualTimer  # noqa: E402  (the single-shot timer the panel tests share)
 
 
 class Clock:
