@@ -313,3 +313,22 @@ def test_lenient_mode_reads_native_grounding_json_only_when_asked(volume, tmp_pa
                               settings=GenerationSettings(max_new_tokens=64, retries=0, lenient=True))
     assert lenient.anchor.slice_index == KEY_SLICE and lenient.answer.schema == "native"
     np.testing.assert_allclose(lenient.anchor.boxes[0].as_list(), expected_voxel_box().as_list(), atol=1e-9)
+
+
+def test_a_fixture_built_by_two_processes_at_once_is_never_pulled_from_under_the_first(tmp_path):
+    """Parallel shards build the same tiny model: the one that finishes second must keep the first one's folder
+    (which that process may already be loading), not swap it out as if it were stale."""
+    from MedVolR1Lib.fixtures.tiny_qwen import _atomic_build
+
+    marker = {"fixture": "race", "seed": 0}
+    out = tmp_path / "tiny"
+
+    def finished_elsewhere(folder):  # while this build runs, another process completes the same one
+        (folder / "weights").write_text("second")
+        _atomic_build(out, marker, lambda other: (other / "weights").write_text("first"))
+        first_inode = (out / "weights").stat().st_ino
+        finished_elsewhere.first = first_inode
+
+    assert _atomic_build(out, marker, finished_elsewhere) == out.resolve()
+    assert (out / "weights").read_text() == "first" and (out / "weights").stat().st_ino == finished_elsewhere.first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary folder left behind
