@@ -38,12 +38,18 @@ class Clock:
         return self.now
 
 
-def test_panel_sends_the_viewed_slice_and_shows_the_readiness(sample_ct):
+def _scene_with_the_sample_ct(sample_ct):
+    """A real MRML scene holding the sample CT as a scalar volume node, read by Slicer's own storage node."""
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
     storage.SetFileName(str(sample_ct.ct_path))
     assert storage.ReadData(node)
+    return scene, node
+
+
+def test_panel_sends_the_viewed_slice_and_shows_the_readiness(sample_ct):
+    scene, node = _scene_with_the_sample_ct(sample_ct)
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
     red = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
     red.SetOrientationToAxial()
@@ -117,11 +123,7 @@ def test_panel_sends_the_viewed_slice_and_shows_the_readiness(sample_ct):
 
 def test_a_server_is_not_asked_and_nothing_is_shown(sample_ct):
     """A `medvolr1 serve` server encodes on request: no pre-encoding requests, no readiness line."""
-    scene = slicer.vtkMRMLScene()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(sample_ct.ct_path))
-    assert storage.ReadData(node)
+    scene, node = _scene_with_the_sample_ct(sample_ct)
     session = EvidenceSession(scene, runner=ModelRunner())
     background = BackgroundEncoding(session, ManualTimer())
     background.select(node, PanelSettings(server_url="http://127.0.0.1:9"))
