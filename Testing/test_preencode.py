@@ -263,6 +263,17 @@ def test_a_request_naming_another_evidence_model_uses_the_background_embeddings(
     assert engine.stats(CONFIG)["pipelines"] == 3
 
 
+
+def test_pipelines_that_differ_in_a_propagator_setting_never_share_its_propagator(counted):
+    """Only the evidence model's settings may differ between pipelines that share a propagator: a slice stride or
+    an encoder path changes the masks, so such a pipeline builds its own."""
+    prop, _log = counted
+    engine = Engine(pipeline_factory=Pipeline, background=True)
+    engine._pipeline({**CONFIG, "model": "vlm-a"})._propagator = prop
+    assert engine._pipeline({**CONFIG, "model": "vlm-b", "image_size": 504})._propagator is prop
+    for setting in ({"slice_stride": 2}, {"encoder": "torch-fp32"}, {"window": "bone"}):
+        assert engine._pipeline({**CONFIG, **setting})._propagator is None, setting
+
 # ------------------------------------------------------- acceptance: through the worker protocol, 512 x 512
 
 

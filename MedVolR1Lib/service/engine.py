@@ -25,7 +25,10 @@ from ..volume import Volume
 from . import protocol as p
 
 MAX_VOLUMES = 4
-PROPAGATOR_FIELDS = ("propagator", "sam_checkpoint", "sam_overrides", "device", "window")  # what its masks depend on
+# The evidence model's settings; every other PipelineConfig field builds the propagator (Pipeline.propagator), so
+# pipelines that differ only in these share one propagator and its embeddings.
+EVIDENCE_MODEL_FIELDS = ("model", "adapter", "num_views", "image_size", "lenient")
+PROPAGATOR_FIELDS = tuple(f.name for f in dataclasses.fields(PipelineConfig) if f.name not in EVIDENCE_MODEL_FIELDS)
 
 
 class UnknownVolume(MedVolR1Error):
@@ -187,7 +190,7 @@ class Engine:
 
     def stats(self, config: Optional[dict] = None) -> dict:
         """Counters, opened volumes, and the encoder work of the pipeline for `config` (0 before it loads)."""
-        key = json.dumps(p.config_to_dict(self._config(config)), sort_keys=True)
+        key = self._pipeline_key(config)
         pipeline = self._pipelines.get(key)
         return {
             "requests": self.counters.requests,
