@@ -358,7 +358,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return panel_settings.load_user_settings(self._userStore)
 
     def _deviceChoices(self) -> tuple:
-        user = panel_settings.load_user_settings(self._userStore)
+        user = self._userSettings()
         return panel_settings.device_choices(deps.run_mode(user.server_url, user.python_executable))
 
     def _setDeviceItems(self, choices) -> None:
@@ -391,7 +391,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         with slicer.util.WaitCursor():
             devices = panel_settings.detect_devices(default_python(user.python_executable))
-        self._setDeviceItems([d for d in devices.choices if d in self._deviceChoices()])
+        allowed = self._deviceChoices()
+        self._setDeviceItems([d for d in devices.choices if d in allowed])
         self.ui.deviceLabel.text = devices.summary
 
     @_slot
@@ -401,7 +402,8 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode.inputVolume if self._parameterNode else None
         hasVolume = node is not None
         hasQuery = bool(self._parameterNode and self._parameterNode.query.strip())
-        hasModel = bool(self._parameterNode) and has_evidence_model(self.logic.settingsFrom(self._parameterNode))
+        settings = self.logic.settingsFrom(self._parameterNode) if self._parameterNode else None
+        hasModel = settings is not None and has_evidence_model(settings)
         hasEvidence = hasVolume and bool(mm.evidence_rois(slicer.mrmlScene, node))
         self.ui.findEvidenceButton.enabled = not busy and not unsupported and hasVolume and hasQuery and hasModel
         self.ui.segmentButton.enabled = not busy and not unsupported and hasVolume and (hasEvidence or (hasQuery and hasModel))
@@ -424,7 +426,7 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             button.enabled = not busy and hasVolume
         self.ui.clearLimitButton.enabled = not busy and hasVolume and evidence_edits.extent_limit(node) is not None
         self.ui.extentLabel.text = self.logic.extentText(node) if hasVolume else _("Extent: whole scan")
-        self._followInputVolume(node)
+        self._followInputVolume(node, settings)
 
     def _refreshEvidenceList(self) -> None:
         """One line per evidence box, with its slice as Slicer shows it; keeps the selection."""
@@ -682,12 +684,11 @@ class MedVolR1Widget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._preencodeTimer.connect("timeout()", self.onPreEncodePoll)
         self._preencodeTimer.start()
 
-    def _followInputVolume(self, node) -> None:
+    def _followInputVolume(self, node, settings) -> None:
         """A new input volume (or new propagator settings): the worker starts on it; none: the old one is closed.
         Typing a question or an evidence model's path changes nothing here (the worker shares the propagator)."""
-        if self._preencode is None or self._parameterNode is None:
+        if self._preencode is None or settings is None:
             return
-        settings = self.logic.settingsFrom(self._parameterNode)
         followed = (node, settings.propagator, settings.sam_checkpoint, settings.device, settings.python_executable,
                     settings.server_url, settings.server_token_file)
         if followed == self._preencodeInput:

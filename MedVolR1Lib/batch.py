@@ -347,6 +347,7 @@ def run_batch(
 
     # What is left to do: hash each scan once, compare with each row's evidence.json.
     work: list[tuple[str, str, str, list[tuple[BatchRow, str]]]] = []
+    hashes: dict[str, str] = {}  # a DICOM folder read as several series (the `series` column) is hashed once
     for group in groups:
         scan_path = group[0].scan_path
         try:
@@ -358,7 +359,9 @@ def run_batch(
                 scan_path = str(fetch_sample().ct_path)
             if not Path(scan_path).exists():
                 raise DataError(f"{group[0].scan}: file or folder not found")
-            scan_hash = scan_sha256(scan_path)
+            if scan_path not in hashes:
+                hashes[scan_path] = scan_sha256(scan_path)
+            scan_hash = hashes[scan_path]
         except (MedVolR1Error, OSError) as exc:
             for row in group:
                 fail(row, exc, row_sha256(row, settings))

@@ -19,7 +19,7 @@ Only the chosen, checked files go to SimpleITK, in slice order.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,7 +42,6 @@ class DicomInstance:
     path: str
     series_instance_uid: str
     study_instance_uid: str
-    sop_instance_uid: str
     series_description: str
     instance_number: Optional[int]
     position: Optional[tuple[float, float, float]]
@@ -129,7 +128,6 @@ def read_instance(path: Path) -> Optional[DicomInstance]:
             path=str(path),
             series_instance_uid=_text(dataset, "SeriesInstanceUID"),
             study_instance_uid=_text(dataset, "StudyInstanceUID"),
-            sop_instance_uid=_text(dataset, "SOPInstanceUID") or _text(getattr(dataset, "file_meta", {}), "MediaStorageSOPInstanceUID"),
             series_description=_text(dataset, "SeriesDescription"),
             instance_number=_int(dataset, "InstanceNumber"),
             position=_floats(dataset, "ImagePositionPatient", 3),  # type: ignore[arg-type]

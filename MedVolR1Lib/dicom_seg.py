@@ -117,7 +117,7 @@ def source_series(volume: Volume) -> list:
     folder = source_path(volume)
     if folder is None or not folder.is_dir():
         raise VolumeError(f"{folder}: a DICOM SEG needs the source DICOM series folder; this scan was not read from one")
-    series = getattr(volume, "dicom_series", None)
+    series = volume.dicom_series
     if series is None:  # a Volume built elsewhere from a folder: the folder must hold exactly one series
         from .dicom_input import choose_series
 

@@ -267,11 +267,9 @@ def check_metaimage(path: Path) -> None:
     target = path if inline else path.parent / data_file
     if not target.is_file():
         raise VolumeError(f"{path}: its data file {data_file} is missing")
-    offset = data_start if inline else max(header_size, 0)
+    offset = data_start if inline else max(header_size, 0)  # HeaderSize -1: the data ends the file, any length >= declared
     if fields.get("CompressedData", "False").lower() == "true":
         _check_stream(target, "zlib", offset, declared)
-    elif header_size == -1 and not inline:
-        _check_raw(target, 0, declared)
     else:
         _check_raw(target, offset, declared)
 

@@ -112,7 +112,7 @@ def evidence_record(result: SegmentationResult, geometry: ViewGeometry, provenan
             "shape_kji": list(volume.shape),
             "spacing_mm": list(volume.spacing),
             "modality": volume.modality,
-            "dicom_series": volume.dicom_series.to_record() if getattr(volume, "dicom_series", None) else None,
+            "dicom_series": volume.dicom_series.to_record() if volume.dicom_series else None,
         },
         "key_slice": {
             "canonical_k": int(anchor.slice_index),

@@ -21,6 +21,7 @@ import numpy as np
 from .dicom_input import DicomSeries, choose_series
 from .errors import VolumeError
 from .file_integrity import check_complete, is_gzip
+from .memory import os_available_memory
 from .volume import Volume, volume_from_sitk
 
 READABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -117,12 +118,10 @@ def available_memory_bytes() -> int:
     override = os.environ.get(AVAILABLE_MEMORY_ENV)
     if override:
         return parse_bytes(override)
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    available = os_available_memory()
+    if available is None:
+        raise VolumeError(f"cannot tell how much memory this computer has free; set {AVAILABLE_MEMORY_ENV} (e.g. 8GB)")
+    return available
 
 
 def _gb(n: float) -> str:

@@ -30,12 +30,12 @@ import re
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .anchor import AnswerFormat, EvidenceAnchor, VoxelBox
 from .errors import DataError
 from .propagation.base import Propagator
-from .rewards import CoherenceScorer, RewardTarget, RewardWeights, Resolver, _check_lengths, _TargetCache, completion_text
+from .rewards import (CoherenceScorer, RewardTarget, RewardWeights, Resolver, _check_lengths, _TargetCache, completion_text,
+                      matched_box_score)
 
 RELEASE_WINDOW = 5  # +-slices of the time and consistency rewards (LOCAL_RADIUS in the release's reward files)
 VARIANTS = ("ctorg", "kits23")
@@ -196,22 +196,15 @@ def gt_pixel_box(box: Sequence[float], image_size: int) -> IntBox:
 # components
 
 
-def inclusive_iou(a: IntBox, b: IntBox) -> float:
-    """IoU of boxes given as inclusive pixel ranges (a box [x, y, x, y] is one pixel)."""
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    inter = iw * ih
-    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def space_score(pred: Sequence[IntBox], gt: Sequence[IntBox]) -> float:
-    """Sum of Hungarian-matched IoUs / max(N, M); 0 when either side has no box."""
-    if not pred or not gt:
-        return 0.0
-    iou = np.array([[inclusive_iou(p, g) for g in gt] for p in pred], dtype=float)
-    rows, cols = linear_sum_assignment(iou, maximize=True)
-    return float(min(1.0, max(0.0, iou[rows, cols].sum() / max(len(pred), len(gt)))))
+    """Sum of Hungarian-matched IoUs / max(N, M); 0 when either side has no box.  The boxes are inclusive pixel
+    ranges (a box [x, y, x, y] is one pixel), i.e. the half-open boxes [x1, y1, x2 + 1, y2 + 1] our own
+    grounding reward matches."""
+    return matched_box_score([_half_open(box) for box in pred], [_half_open(box) for box in gt])
+
+
+def _half_open(box: IntBox) -> IntBox:
+    return box[0], box[1], box[2] + 1, box[3] + 1
 
 
 def window(k: int, num_slices: int, radius: int = RELEASE_WINDOW) -> tuple[int, int]:

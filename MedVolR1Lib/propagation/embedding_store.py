@@ -11,55 +11,13 @@ stored, whatever the budget says, so a request never fails for memory the backgr
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator, Mapping, Optional
+
+from ..memory import os_available_memory
 
 BUDGET_ENV = "MEDVOLR1_EMBEDDING_BUDGET_MB"  # overrides the budget set from free RAM (tests, small machines)
 FREE_RAM_SHARE = 0.25  # of the memory available when the budget is set
 FALLBACK_BUDGET = 1 << 30  # where the free memory cannot be read
-
-
-def available_memory_bytes() -> Optional[int]:
-    """Memory the system can give without swapping (Linux MemAvailable, psutil, Windows' GlobalMemoryStatusEx,
-    else free pages), None if unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:  # psutil where installed (macOS has no SC_AVPHYS_PAGES)
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except (ImportError, AttributeError, OSError):
-        pass
-    if os.name == "nt":
-        return _windows_available_bytes()
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def _windows_available_bytes() -> Optional[int]:
-    """GlobalMemoryStatusEx's ullAvailPhys (kernel32, through ctypes: no extra package in Slicer's Python)."""
-    import ctypes
-
-    class _MemoryStatus(ctypes.Structure):
-        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
-                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
-                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
-                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
-                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
-
-    status = _MemoryStatus()
-    status.dwLength = ctypes.sizeof(_MemoryStatus)
-    try:
-        ok = ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status))  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
-        return None
-    return int(status.ullAvailPhys) if ok else None
 
 
 def default_budget_bytes() -> int:
@@ -73,7 +31,7 @@ def default_budget_bytes() -> int:
         if megabytes < 0:
             raise ValueError(f"{BUDGET_ENV} must not be negative, got {configured!r}")
         return int(megabytes * 2**20)
-    free = available_memory_bytes()
+    free = os_available_memory()
     return int(free * FREE_RAM_SHARE) if free else FALLBACK_BUDGET
 
 

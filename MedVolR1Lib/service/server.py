@@ -83,9 +83,9 @@ def create_app(engine: Engine, settings: ServerSettings):
     from starlette.requests import ClientDisconnect
 
     app = FastAPI(title="MedVol-R1 model server", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # one model request at a time
-    # ... on one thread: with glibc each new thread that runs the models grows its own malloc arena (measured:
-    # +130 MiB RSS, never returned, the first time two clients overlapped on the default executor's threads)
+    # One model request at a time, always on the same thread: with glibc each new thread that runs the models grows
+    # its own malloc arena (measured: +130 MiB RSS, never returned, the first time two clients overlapped on the
+    # default executor's threads)
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvolr1-model")
 
     def refuse(status: int, detail: str) -> JSONResponse:
@@ -133,7 +133,7 @@ def create_app(engine: Engine, settings: ServerSettings):
             del body  # the decoded arrays own their bytes; the raw upload is not kept while the model runs
         if not requests:
             return refuse(400, "malformed request: no request frames")
-        return StreamingResponse(_answer(engine, lock, model_thread, requests), media_type=MEDIA_TYPE)
+        return StreamingResponse(_answer(engine, model_thread, requests), media_type=MEDIA_TYPE)
 
     return app
 
@@ -161,7 +161,7 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-async def _answer(engine: Engine, lock: threading.Lock, executor: ThreadPoolExecutor, requests: list):
+async def _answer(engine: Engine, executor: ThreadPoolExecutor, requests: list):
     """Run the requests on a worker thread (the event loop keeps serving) and stream their frames as they come."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -177,11 +177,10 @@ async def _answer(engine: Engine, lock: threading.Lock, executor: ThreadPoolExec
 
     def work() -> None:
         try:
-            with lock:
-                for request in requests:
-                    emit(engine.handle(request, None if isinstance(request, (p.OpenVolume, p.Stats)) else progress))
-                requests.clear()  # the uploaded arrays go now, not when the response ends
-                release_freed_memory()
+            for request in requests:
+                emit(engine.handle(request, None if isinstance(request, (p.OpenVolume, p.Stats)) else progress))
+            requests.clear()  # the uploaded arrays go now, not when the response ends
+            release_freed_memory()
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from .records import VRSRecord
 from .store import LoadedCase
+from ..kits_lesions import INSTANCE_TARGETS, LESION_KINDS
 from ..release_data import RELEASE_WINDOW
 from ..windowing import window_for_target
 
@@ -69,7 +70,7 @@ def shown_slice_sets(volume, num_views: int, view_sets: int, seed: int) -> list[
 
 
 # With `lesion_instances`, these class targets become one target per lesion (kits_lesions.INSTANCE_TARGETS).
-LESION_CLASS_TARGETS = {"kidney_tumor": "tumor", "kidney_cyst": "cyst", "kidney_tumor_instance": "tumor", "kidney_cyst_instance": "cyst"}
+LESION_CLASS_TARGETS = {**LESION_KINDS, **{target: kind for kind, target in INSTANCE_TARGETS.items()}}  # target -> kind
 
 
 def unused_channels(case: LoadedCase, targets: Sequence[str], lesion_kinds: Sequence[str]) -> list[dict]:
@@ -84,7 +85,7 @@ def unused_channels(case: LoadedCase, targets: Sequence[str], lesion_kinds: Sequ
         entry = find_entry(t)
         parts = entry.resolve(by_name) if entry is not None else None
         used |= {v for part in parts or [] for v in part}
-    lesion_names = {"tumor": "kidney_tumor", "cyst": "kidney_cyst"}
+    lesion_names = {kind: channel for channel, kind in LESION_KINDS.items()}
     used |= {v for kind in lesion_kinds for v in by_name.get(lesion_names[kind], [])}
     present = {int(v) for v in np.unique(case.label_map) if v != 0}
     return [{"case": case.source.case_id, "target": case.label_names.get(v, str(v)),
@@ -106,7 +107,7 @@ def build_records(case: LoadedCase, config: PrepareConfig, *, propagator=None) -
         lesion_kinds = sorted({LESION_CLASS_TARGETS[t] for t in targets if t in LESION_CLASS_TARGETS}, reverse=True)
         targets = [t for t in targets if t not in LESION_CLASS_TARGETS]
     else:
-        for t in [t for t in targets if t.endswith("_instance") and t in LESION_CLASS_TARGETS]:
+        for t in [t for t in targets if t in INSTANCE_TARGETS.values()]:
             report.skipped.append({"case": case_id, "target": t, "reason": "per-lesion target outside lesion_instance_datasets"})
             targets.remove(t)
     report.skipped += unused_channels(case, targets, lesion_kinds)
